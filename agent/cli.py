@@ -1,0 +1,146 @@
+"""``studio-agent``: run | check-config | submit | version.
+
+Exit codes follow sysexits: 0 clean stop, 2 bad usage, 64 submit input error, 70 unexpected
+crash, 75 a submitted experiment did not finish in time, 78 configuration error (systemd's unit
+sets RestartPreventExitStatus=78 so a bad config does not crash-loop).
+"""
+
+import argparse
+import logging
+import sys
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from agent import __version__
+from agent.errors import ConfigError
+from agent.log import setup_logging
+from agent.queues.base import QueueFilter
+from agent.queues.local import LocalQueue
+from agent.settings import Settings, effective_config, load_settings
+
+EX_OK, EX_USAGE, EX_DATAERR, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 2, 64, 70, 75, 78
+log = logging.getLogger("agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="agent.yaml (default /etc/studio-agent/agent.yaml)")
+    parser = argparse.ArgumentParser(prog="studio-agent", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", parents=[common], help="serve queues until stopped")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check.add_argument("file", nargs="?", type=Path)
+    commands.add_parser("version", help="print the version")
+    _submit_parser(commands.add_parser("submit", parents=[common], help="enqueue a directory"))
+    return parser
+
+
+def _submit_parser(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("workspace", type=Path, help="directory to send; script arguments follow --")
+    sub.add_argument("--script", default="train.py", help="file to run, relative to the workspace")
+    sub.add_argument("--queue", default="local_demo")
+    sub.add_argument("--key", default="", help="experiment key (default <time>_<uuid4>)")
+    sub.add_argument("--storage", type=Path, help="local store (default <state_dir>/storage)")
+    sub.add_argument("--requirements", type=Path, help="pip requirements (default <ws>/requirements.txt)")
+    sub.add_argument("--pip", action="append", default=[], help="extra package (config.pip)")
+    sub.add_argument("--env", action="append", default=[], metavar="K=V", help="config.env entry")
+    sub.add_argument("--max-duration")
+    sub.add_argument("--lifetime", help="config.experimentLifetime")
+    sub.add_argument("--checkpoint", help="config.saveWorkspaceFrequency")
+    sub.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the result")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    # argparse sub-commands mishandle "--": split the script's arguments off by hand.
+    script_args = words[words.index("--") + 1 :] if "--" in words else []
+    options = _parser().parse_args(words[: words.index("--")] if "--" in words else words)
+    options.args = script_args
+    try:
+        if options.command == "version":
+            print(__version__)
+            return EX_OK
+        if options.command == "check-config":
+            return check_config(options.file)
+        settings = load_settings(options.config)
+        if options.command == "submit":
+            return submit_command(settings, options)
+        return run_command(settings, options.log_level)
+    except ConfigError as exc:
+        print(f"studio-agent: configuration error:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except Exception:
+        log.exception("studio-agent crashed")
+        return EX_SOFTWARE
+
+
+def check_config(file: Path | None) -> int:
+    settings = load_settings(file)
+    print(yaml.safe_dump(effective_config(settings), sort_keys=True), end="")
+    return EX_OK
+
+
+def run_command(settings: Settings, level: str | None) -> int:
+    from agent.executors import build_executor
+    from agent.supervisor import Supervisor
+
+    setup_logging(level or settings.log_level)
+    queue_filter = QueueFilter(settings.queue_match, settings.queue_mismatch)
+    backends = [LocalQueue(settings.queue_root, settings.state_dir, queue_filter)]
+    return Supervisor(settings, list(backends), build_executor(settings)).run()
+
+
+def submit_command(settings: Settings, options: argparse.Namespace) -> int:
+    from agent.submit import Submission, submit, wait_for
+
+    workspace: Path = options.workspace
+    requirements_file = options.requirements or workspace / "requirements.txt"
+    requirements = []
+    if requirements_file.is_file():
+        requirements = [ln.strip() for ln in requirements_file.read_text().splitlines() if ln.strip()]
+    env = dict(item.split("=", 1) for item in options.env if "=" in item)
+    sub = Submission(
+        workspace=workspace,
+        script=options.script,
+        args=list(options.args),
+        queue=options.queue,
+        queue_root=settings.queue_root,
+        storage=(options.storage or settings.state_dir / "storage").resolve(),
+        key=options.key,
+        requirements=requirements,
+        pip=list(options.pip),
+        env=env,
+        max_duration=options.max_duration,
+        lifetime=options.lifetime,
+        checkpoint=options.checkpoint,
+    )
+    try:
+        request = submit(sub)
+    except FileNotFoundError as exc:
+        print(f"studio-agent: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    print(f"submitted experiment {request.key} to {settings.queue_root / sub.queue}")
+    if options.wait is None:
+        return EX_OK
+    if wait_for(request.config, request.key, options.wait) is None:
+        print(f"experiment {request.key} did not finish within {options.wait:.0f}s", file=sys.stderr)
+        return EX_TEMPFAIL
+    _print_results(sub.storage / "artifacts" / "experiments" / request.key)
+    return EX_OK
+
+
+def _print_results(folder: Path) -> None:
+    print(f"finished; results in {folder}/")
+    for tar_path in sorted(folder.glob("*.tar")):
+        print(f"  {tar_path.name}")
+    output = folder / "output.tar"
+    if output.is_file():
+        with tarfile.open(output) as tar:
+            member = tar.extractfile("output")
+            if member is not None:
+                print("--- output ---")
+                print(member.read().decode(errors="replace"), end="")

@@ -1,0 +1,248 @@
+"""One run of one experiment, end to end: fetch, prepare, execute, checkpoint, upload, outcome.
+
+This module knows no queue: it takes a parsed request and returns an ``Outcome``; the supervisor
+decides what that means for the message. An experiment can therefore run with no broker at all.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from agent import process
+from agent.errors import AgentError, PermanentError, TransientError
+from agent.executors.base import Executor, Launch, RunContext
+from agent.request import Request
+from agent.settings import Settings
+from agent.storage import archive, database, transfer
+
+log = logging.getLogger(__name__)
+
+Status = Literal["completed", "failed", "timeout", "expired", "cancelled", "error"]
+# Variables a child may inherit from the agent; everything else stays out (the job never sees
+# the agent's own secrets, virtualenv or GPU assignment).
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "SHELL", "TERM")
+BASE_ENV_PREFIXES = ("LC_",)
+PROXY_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+UPLOAD_TRIES = 3
+_PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
+SKIP_FETCH = frozenset({"_metadata"})  # rewritten per run; never worth downloading
+
+
+@dataclass
+class Outcome:
+    key: str
+    status: Status
+    detail: str = ""
+    exit_code: int | None = None
+    transient: bool = False  # True: the message goes back to its queue for another try
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    uploaded_bytes: int = 0
+
+
+def clean_env(settings: Settings, tmpdir: Path) -> dict[str, str]:
+    """The environment every child starts from: a short allow-list, never the agent's own."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in BASE_ENV or k in PROXY_ENV or k in settings.pass_env or k.startswith(BASE_ENV_PREFIXES)
+    }
+    agent_bin = str(Path(sys.prefix) / "bin")
+    path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != agent_bin]
+    env["PATH"] = os.pathsep.join(path)
+    env["TMPDIR"] = str(tmpdir)
+    return env
+
+
+def expand_percent(value: str, env: Mapping[str, str]) -> str:
+    """Expand ``%VAR%`` the way the Go runner does; an unknown variable becomes empty."""
+    return _PERCENT_VAR.sub(lambda m: env.get(m.group(1), ""), value)
+
+
+class ExperimentRun:
+    """Runs one request; ``cancel`` (from another thread) stops it and keeps what it produced."""
+
+    def __init__(self, request: Request, settings: Settings, executor: Executor):
+        self.request = request
+        self.settings = settings
+        self.executor = executor
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.home = settings.effective_work_dir / self.run_id
+        self.ctx = RunContext(request, self.home, self.home / "experiments" / request.key / "output" / "output")
+        self._cancelled = threading.Event()
+        self._fingerprints: dict[str, str] = {}
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def run(self) -> Outcome:
+        outcome = Outcome(self.request.key, "failed")
+        limit = min(self.request.time_limit(time.time()), self.settings.max_runtime)
+        if limit <= 0:
+            outcome.status, outcome.detail = "expired", "experimentLifetime passed before it started"
+            return self._finish(outcome, upload=False)
+        try:
+            self._layout()
+            self._fetch_inputs()
+            launch = self._prepare()
+            if self._cancelled.is_set():
+                launch.release()
+                raise TransientError("stopped by the agent's shutdown before it started")
+            try:
+                self._execute(launch, limit, outcome)
+            finally:
+                launch.release()
+        except TransientError as exc:
+            outcome.status, outcome.detail, outcome.transient = "error", str(exc), True
+        except PermanentError as exc:
+            outcome.status, outcome.detail = "failed", str(exc)
+            self._note(f"experiment failed before it ran: {exc}")
+        return self._finish(outcome, upload=True)
+
+    def _layout(self) -> None:
+        for label in self.request.experiment.artifacts:
+            self.ctx.artifact_dir(label).mkdir(parents=True, exist_ok=True)
+        for needed in ("workspace", "output"):
+            self.ctx.artifact_dir(needed).mkdir(parents=True, exist_ok=True)
+        (self.home / "tmp").mkdir(exist_ok=True)
+        mapping = self.home / "artifact_mappings" / self.request.key / "artifacts.json"
+        mapping.parent.mkdir(parents=True, exist_ok=True)
+        labels = set(self.request.experiment.artifacts) | {"workspace", "output"}
+        mapping.write_text(json.dumps({lb: str(self.ctx.artifact_dir(lb)) for lb in sorted(labels)}))
+        self._note(f"experiment {self.request.key} on {socket.gethostname()} (run {self.run_id})")
+
+    def _fetch_inputs(self) -> None:
+        budget = self.request.experiment.resources_needed.size("hdd")
+        fetched = 0
+        for label, artifact in self.request.experiment.artifacts.items():
+            if label in SKIP_FETCH or (label == "_singularity"):
+                continue
+            left = max(budget - fetched, 1) if budget else 0
+            fetched += transfer.fetch(label, artifact, self.request.config, self.ctx.artifact_dir(label), left)
+        for label in self.request.mutable_labels():
+            self._fingerprints[label] = archive.tree_fingerprint(self.ctx.artifact_dir(label))
+
+    def _prepare(self) -> Launch:
+        return self.executor.prepare(self.ctx, clean_env(self.settings, self.home / "tmp"))
+
+    def child_env(self, launch: Launch) -> dict[str, str]:
+        env = clean_env(self.settings, self.home / "tmp")
+        env.update(launch.env)
+        for name, value in self.request.config.env.items():
+            env[name] = expand_percent(value, env)
+        env.update(
+            STUDIOML_EXPERIMENT=self.request.key,
+            STUDIOML_HOME=str(self.home),
+            STUDIOML_ARTIFACT_MAPPING=str(
+                self.home / "artifact_mappings" / self.request.key / "artifacts.json"
+            ),
+            PYTHONUNBUFFERED="TRUE",
+        )
+        return env
+
+    def _execute(self, launch: Launch, limit: float, outcome: Outcome) -> None:
+        if self.settings.update_local_db:
+            database.mark_running(self.request.config, self.request.key)
+        proc = process.spawn(launch.argv, self.ctx.workspace, self.child_env(launch), self.ctx.output_file)
+        process.record(proc, self.home / "process.json")
+        log.info("experiment %s started as pid %d: %s", self.request.key, proc.pid, launch.argv[1:2])
+        status, code = self._watch(proc, time.monotonic() + limit)
+        # Whatever the experiment left running in the background dies with it.
+        process.kill_tree(proc.pid, self.settings.kill_grace, proc)
+        outcome.status, outcome.exit_code = status, code
+        outcome.transient = status == "cancelled"
+        outcome.detail = {
+            "completed": "exit status 0",
+            "failed": f"exit status {code}",
+            "timeout": f"killed after its time limit of {limit:.0f}s",
+            "cancelled": "stopped by the agent's shutdown; the message goes back to its queue",
+        }[status]
+        if status != "completed":
+            self._note(outcome.detail)
+
+    def _watch(self, proc: subprocess.Popen[bytes], deadline: float) -> tuple[Status, int | None]:
+        interval = self._checkpoint_interval()
+        next_checkpoint = time.monotonic() + interval
+        while True:
+            now = time.monotonic()
+            try:
+                code = proc.wait(timeout=max(0.0, min(0.25, deadline - now, next_checkpoint - now)))
+                return ("completed" if code == 0 else "failed"), code
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if self._cancelled.is_set():
+                process.kill_tree(proc.pid, self.settings.kill_grace, proc)
+                return "cancelled", proc.returncode
+            if now >= deadline:
+                process.kill_tree(proc.pid, self.settings.kill_grace, proc)
+                return "timeout", proc.returncode
+            if now >= next_checkpoint:
+                self.checkpoint()
+                next_checkpoint = time.monotonic() + interval
+
+    def _checkpoint_interval(self) -> float:
+        requested = self.request.checkpoint_interval() or self.settings.checkpoint_interval
+        return max(requested, self.settings.checkpoint_min_interval, 0.1)
+
+    def checkpoint(self, final: bool = False) -> int:
+        """Upload each mutable artifact that has content and changed since its last upload."""
+        sent = 0
+        labels = sorted(self.request.mutable_labels(), key=lambda lb: lb != "output")
+        for label in labels:
+            directory = self.ctx.artifact_dir(label)
+            fingerprint = archive.tree_fingerprint(directory)
+            if not archive.has_content(directory) or self._fingerprints.get(label) == fingerprint:
+                continue
+            try:
+                sent += self._upload(label)
+            except TransientError:
+                if final:
+                    raise
+                log.warning("checkpoint of %s/%s failed; retrying later", self.request.key, label)
+                continue
+            self._fingerprints[label] = fingerprint
+        return sent
+
+    def _upload(self, label: str) -> int:
+        artifact = self.request.experiment.artifacts[label]
+        for attempt in range(1, UPLOAD_TRIES + 1):
+            try:
+                return transfer.upload(label, artifact, self.request.config, self.ctx.artifact_dir(label))
+            except (OSError, TransientError) as exc:
+                if attempt == UPLOAD_TRIES:
+                    raise TransientError(f"upload of {label} failed: {exc}") from exc
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _finish(self, outcome: Outcome, upload: bool) -> Outcome:
+        if upload and self.home.exists():
+            try:
+                outcome.uploaded_bytes = self.checkpoint(final=True)
+            except AgentError as exc:
+                outcome.status, outcome.transient = "error", True
+                outcome.detail = f"results not saved: {exc}"
+        outcome.finished = time.time()
+        if self.settings.update_local_db and not outcome.transient:
+            database.mark_finished(self.request.config, self.request.key, "finished")
+        if not self.settings.keep_workdir:
+            shutil.rmtree(self.home, ignore_errors=True)
+        return outcome
+
+    def _note(self, text: str) -> None:
+        """A line from the agent in the experiment's own output, where its user will look."""
+        with contextlib.suppress(OSError), self.ctx.output_file.open("ab") as out:
+            out.write(f"studio-agent: {text}\n".encode())

@@ -1,0 +1,122 @@
+"""Child processes: start in their own session, kill the whole tree, find orphans after a crash.
+
+An experiment runs as the leader of a new session. Its descendants stay in that session unless
+they call setsid themselves, so "the tree" is: every process of the session, plus every
+descendant found by walking parent links in /proc (which catches the ones that left it).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name is in parentheses and may contain spaces: split after the last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """Clock ticks since boot when ``pid`` started; with the pid it names a process uniquely."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) for every live process."""
+    table = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and fields[0] != "Z":
+                table[int(entry.name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def tree(leader: int) -> set[int]:
+    """The session led by ``leader`` and every descendant of it, ``leader`` included if alive."""
+    table = _processes()
+    members = {pid for pid, (_, sid) in table.items() if sid == leader}
+    if leader in table:
+        members.add(leader)
+    frontier = list(members)
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in table.items():
+            if ppid == parent and pid not in members:
+                members.add(pid)
+                frontier.append(pid)
+    return members
+
+
+def signal_tree(leader: int, sig: signal.Signals) -> int:
+    """Send ``sig`` to the whole tree; return how many processes it reached."""
+    reached = 0
+    for pid in tree(leader):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+            reached += 1
+    return reached
+
+
+def kill_tree(leader: int, grace: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM the tree, wait up to ``grace`` seconds, then SIGKILL whatever is left."""
+    if signal_tree(leader, signal.SIGTERM):
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if proc is not None:
+                proc.poll()  # reap the leader, or it stays a zombie in the table
+            if not tree(leader):
+                return
+            time.sleep(0.05)
+    signal_tree(leader, signal.SIGKILL)
+    if proc is not None:
+        proc.wait()
+
+
+def spawn(
+    argv: Sequence[str], cwd: Path, env: Mapping[str, str], output: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as a session leader with stdout and stderr appended to ``output``."""
+    fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        return subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(fd)
+
+
+def record(proc: subprocess.Popen[bytes], path: Path) -> None:
+    """Remember the child so that a restarted agent can find it if this one is killed."""
+    path.write_text(json.dumps({"pid": proc.pid, "start": start_time(proc.pid)}))
+
+
+def kill_orphan(path: Path, grace: float) -> bool:
+    """Kill the tree recorded in ``path`` if that very process still runs; True if it did."""
+    try:
+        info = json.loads(path.read_text())
+        pid, started = int(info["pid"]), info["start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if started is None or start_time(pid) != started:
+        return False
+    kill_tree(pid, grace)
+    return True

@@ -1,0 +1,72 @@
+"""The queue contract every backend meets.
+
+A backend hands out ``Delivery`` objects; the supervisor is the only caller of ``ack`` and
+``requeue``, and calls them only after the experiment's results are safe (ack) or when the
+message must go back for another agent (requeue).
+"""
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """The ``queue_match`` / ``queue_mismatch`` regexes, as the Go runner applies them."""
+
+    match: str
+    mismatch: str = ""
+
+    def allows(self, name: str) -> bool:
+        if name.endswith("_response"):
+            return False
+        if not re.search(self.match, name):
+            return False
+        return not (self.mismatch and re.search(self.mismatch, name))
+
+    def why_not(self, name: str) -> str:
+        if name.endswith("_response"):
+            return "response queue"
+        if not re.search(self.match, name):
+            return f"does not match queue_match {self.match!r}"
+        return f"matches queue_mismatch {self.mismatch!r}"
+
+
+class Delivery(ABC):
+    """One message taken from a queue and not yet settled."""
+
+    backend: str
+    queue: str
+    message_id: str
+    body: bytes
+    delivery_count: int  # 1 the first time this message is handed out
+
+    @abstractmethod
+    def ack(self) -> None:
+        """The message is done with: remove it for good."""
+
+    @abstractmethod
+    def requeue(self) -> None:
+        """Give the message back, intact, for this or another agent."""
+
+    def extend_lease(self, seconds: float) -> None:  # noqa: B027 - optional hook
+        """Keep the message ours for ``seconds`` more; a no-op where leases do not expire."""
+
+
+class QueueBackend(ABC):
+    kind: str
+
+    @abstractmethod
+    def receive(self) -> Delivery | None:
+        """Take one message from one of the served queues, or None at once if there is none."""
+
+    @abstractmethod
+    def served_queues(self) -> list[str]:
+        """The queue names this backend pulls from now."""
+
+    def recover(self) -> int:
+        """Put back messages a previous run of the agent took and never settled; return how many."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

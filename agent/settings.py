@@ -1,0 +1,290 @@
+"""Typed settings: the YAML file, its conf.d drop-ins, then environment variables.
+
+Precedence, lowest first: embedded defaults, ``agent.yaml``, ``conf.d/*.yaml`` in lexical order
+(deep-merged), the Go runner's environment names (``QUEUE_MATCH``, ``MAX_MEM``, ...), then
+``STUDIO_AGENT_<NAME>``. Unknown keys and bad values raise ConfigError naming the key and where
+the value came from (file and line, or the environment variable).
+"""
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from agent.errors import ConfigError
+from agent.units import parse_duration, parse_size
+
+DEFAULT_CONFIG = Path("/etc/studio-agent/agent.yaml")
+ENV_PREFIX = "STUDIO_AGENT_"
+# The Go runner's flag names as environment variables (karlmutch/envflag), accepted unchanged so
+# that an existing deployment's environment file keeps working.
+GO_ALIASES: dict[str, str] = {
+    "queue_root": "QUEUE_ROOT",
+    "queue_match": "QUEUE_MATCH",
+    "queue_mismatch": "QUEUE_MISMATCH",
+    "cache_dir": "CACHE_DIR",
+    "cache_size": "CACHE_SIZE",
+    "work_dir": "WORKING_DIR",
+    "max_cores": "MAX_CORES",
+    "max_mem": "MAX_MEM",
+    "max_disk": "MAX_DISK",
+    "cpu_only": "CPU_ONLY",
+}
+SECRET_FIELDS: frozenset[str] = frozenset()
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):[^@/]*@", re.I)
+
+
+def _regex(value: str) -> str:
+    re.compile(value)
+    return value
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Regex = Annotated[str, AfterValidator(_regex)]
+
+
+def _home() -> Path:
+    return Path(os.environ.get("HOME") or Path.home())
+
+
+def _default_queue_root() -> Path:
+    studio_home = os.environ.get("STUDIOML_HOME")
+    return (Path(studio_home) if studio_home else _home() / ".studioml") / "queue"
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= exports STATE_DIRECTORY; off systemd follow XDG.
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else _home() / ".local" / "state") / "studio-agent"
+
+
+def _default_cache_dir() -> Path:
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else _home() / ".cache") / "studio-agent"
+
+
+class Settings(BaseSettings):
+    """Every key an operator can set. Names are stable: docs, Ansible and Salt use them."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, env_prefix=ENV_PREFIX, case_sensitive=False
+    )
+
+    queue_root: Path = Field(default_factory=_default_queue_root)
+    queue_match: Regex = r"^(rmq|sqs|local)_.*$"
+    queue_mismatch: Regex = ""
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    cache_size: Size = parse_size("20GiB")
+    work_dir: Path | None = None
+    max_concurrent: int = Field(default=1, ge=1, le=256)
+    max_attempts: int = Field(default=5, ge=1)
+    drain_timeout: Duration = parse_duration("10m")
+    kill_grace: Duration = parse_duration("10s")
+    max_runtime: Duration = parse_duration("96h")
+    poll_interval: Duration = Field(default=0.1, gt=0)
+    checkpoint_interval: Duration = parse_duration("10m")
+    checkpoint_min_interval: Duration = parse_duration("30s")
+    executor: Literal["venv"] = "venv"
+    installer: Literal["auto", "uv", "pip"] = "auto"
+    python_interpreters: list[Path] = Field(default_factory=list)
+    python_nearest: bool = False
+    pass_env: list[str] = Field(default_factory=list)
+    keep_workdir: bool = False
+    update_local_db: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_cores: int = Field(default=0, ge=0)
+    max_mem: Size = 0
+    max_disk: Size = 0
+    cpu_only: bool = False
+
+    @property
+    def effective_work_dir(self) -> Path:
+        return self.work_dir or self.state_dir / "work"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            _GoAliasSource(settings_cls),
+            _FilesSource(settings_cls),
+        )
+
+
+# What the YAML files said and where; set by load_settings for the duration of one validation.
+_FILES: ContextVar[tuple[dict[str, Any], dict[tuple[str, ...], str]]] = ContextVar(
+    "_FILES", default=({}, {})
+)
+
+
+class _FilesSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILES.get()[0])
+
+
+class _GoAliasSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            field: os.environ[name] for field, name in GO_ALIASES.items() if name in os.environ
+        }
+
+
+def config_files(main: Path) -> list[Path]:
+    """The main file (if it exists) and then its ``conf.d/*.yaml`` drop-ins, in order."""
+    files = [main] if main.is_file() else []
+    drop_ins = main.parent / "conf.d"
+    if drop_ins.is_dir():
+        files += sorted(p for p in drop_ins.iterdir() if p.suffix in (".yaml", ".yml"))
+    return files
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Read the config files and environment; ConfigError names every bad key and its source.
+
+    ``config`` None means the default path, which may be absent (embedded defaults); a path
+    given explicitly must exist.
+    """
+    main = config or DEFAULT_CONFIG
+    if config is not None and not config.is_file():
+        raise ConfigError(f"{config}: config file not found")
+    data: dict[str, Any] = {}
+    where: dict[tuple[str, ...], str] = {}
+    for path in config_files(main):
+        _merge(data, where, *_read_yaml(path))
+    _refuse_unknown_env()
+    token = _FILES.set((data, where))
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where)) from None
+    finally:
+        _FILES.reset(token)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
+        raise ConfigError(f"{path}:{line}: not valid YAML: {exc.problem}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of keys to values")
+    return data, dict(_key_lines(node, path, ()))
+
+
+def _key_lines(
+    node: yaml.MappingNode, path: Path, prefix: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], str]]:
+    for key_node, value_node in node.value:
+        key = (*prefix, str(key_node.value))
+        yield key, f"{path}:{key_node.start_mark.line + 1}"
+        if isinstance(value_node, yaml.MappingNode):
+            yield from _key_lines(value_node, path, key)
+
+
+def _merge(
+    data: dict[str, Any],
+    where: dict[tuple[str, ...], str],
+    new: Mapping[str, Any],
+    new_where: Mapping[tuple[str, ...], str],
+    prefix: tuple[str, ...] = (),
+) -> None:
+    """Deep-merge ``new`` into ``data``: mappings merge key by key, anything else replaces."""
+    for key, value in new.items():
+        path = (*prefix, str(key))
+        where[path] = new_where.get(path, where.get(path, "?"))
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge(data[key], where, value, new_where, path)
+        else:
+            data[key] = value
+
+
+def _refuse_unknown_env() -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise ConfigError(
+            f"environment variable {unknown[0]}: unknown key "
+            f"(known: {', '.join(sorted(Settings.model_fields))})"
+        )
+
+
+def _explain(exc: ValidationError, where: Mapping[tuple[str, ...], str]) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(str(p) for p in error["loc"])
+        key = ".".join(loc)
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        source = _source_of(loc, where)
+        shown = "" if error["type"] == "extra_forbidden" else f" (got {error.get('input')!r})"
+        lines.append(f"{source}: {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _source_of(loc: tuple[str, ...], where: Mapping[tuple[str, ...], str]) -> str:
+    name = loc[0] if loc else ""
+    if ENV_PREFIX + name.upper() in os.environ:
+        return f"environment variable {ENV_PREFIX}{name.upper()}"
+    if GO_ALIASES.get(name, "") in os.environ:
+        return f"environment variable {GO_ALIASES[name]}"
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in where:
+            return where[loc[:depth]]
+    return "settings"
+
+
+def mask_secrets(value: Any, key: str = "") -> Any:
+    """Hide passwords in URLs and secret-named keys, for check-config and logs."""
+    if key in SECRET_FIELDS and value:
+        return "********"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:********@", value)
+    if isinstance(value, dict):
+        return {k: mask_secrets(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """Settings as plain data with secrets masked, for ``check-config``."""
+    data = settings.model_dump(mode="json")
+    data["work_dir"] = str(settings.effective_work_dir)
+    return {k: mask_secrets(v, k) for k, v in data.items()}

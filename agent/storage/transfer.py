@@ -1,0 +1,49 @@
+"""Moving one artifact between its store and its directory in the experiment."""
+
+import shutil
+from pathlib import Path, PurePosixPath
+
+from agent.errors import ArtifactMissing, BadRequest
+from agent.request import Artifact, StudioConfig
+from agent.storage import archive, resolve
+
+COPY_CHUNK = 1 << 20
+# The 0.0.49 client turns a tar whose only member is "./<name>" into a file: retval must be one.
+SINGLE_FILE_LABELS = frozenset({"retval"})
+
+
+def fetch(label: str, artifact: Artifact, config: StudioConfig, dest: Path, budget: int) -> int:
+    """Download ``artifact`` into ``dest``; return its payload bytes.
+
+    A missing mutable artifact is normal (nothing checkpointed yet) and yields 0 bytes; a missing
+    immutable one raises ArtifactMissing. ``budget`` caps extracted bytes (0 means no cap).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    store, key = resolve(label, artifact, config)
+    try:
+        with store.open_read(key) as stream:
+            if not artifact.unpack:
+                target = dest / PurePosixPath(key).name
+                with target.open("wb") as out:
+                    shutil.copyfileobj(stream, out, COPY_CHUNK)
+                return target.stat().st_size
+            if not archive.is_tar_key(key):
+                raise BadRequest(f"artifact {label!r}: unpack is set but {key!r} is not a tar")
+            return archive.extract(stream, dest, max_bytes=budget or None)
+    except ArtifactMissing:
+        if artifact.mutable:
+            return 0
+        raise
+
+
+def upload(label: str, artifact: Artifact, config: StudioConfig, src: Path) -> int:
+    """Tar ``src`` to the artifact's key; return the bytes stored."""
+    store, key = resolve(label, artifact, config)
+    single = label if label in SINGLE_FILE_LABELS else None
+    compression = archive.compression_for_key(key)
+    return store.write(
+        key,
+        lambda out: archive.pack_directory(
+            src, out, compression=compression, single_member_name=single
+        ),
+    )

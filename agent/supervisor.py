@@ -1,0 +1,253 @@
+"""The daemon: takes deliveries, runs experiments in worker threads, settles every message.
+
+One thread (the caller of ``run``) owns the queues: it receives, acks and requeues. Worker
+threads only run experiments and hand back an ``Outcome`` through a queue, then wake the loop
+through a self-pipe, which is also what signal handlers write to (``signal.set_wakeup_fd``), so a
+handler does nothing but set a flag.
+
+Rules for a delivery:
+- unparseable, or handed out more than ``max_attempts`` times: its raw bytes are kept under
+  ``<state>/rejected/`` with the reason, then it is acknowledged;
+- expired: kept under ``<state>/expired/`` and acknowledged, never run;
+- an outcome (success, failure, timeout): acknowledged after the final upload;
+- infrastructure trouble or shutdown: requeued for another try.
+"""
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import select
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from agent import process
+from agent.errors import BadRequest, ConfigError
+from agent.executors.base import Executor
+from agent.experiment import ExperimentRun, Outcome
+from agent.queues.base import Delivery, QueueBackend
+from agent.request import parse_request
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    delivery: Delivery
+    run: ExperimentRun
+    thread: threading.Thread | None = None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, backends: list[QueueBackend], executor: Executor):
+        self.settings = settings
+        self.backends = backends
+        self.executor = executor
+        self.jobs: dict[int, Job] = {}
+        self.finished: queue.Queue[tuple[Job, Outcome]] = queue.Queue()
+        self._stop_requests = 0
+        self._drain_deadline: float | None = None
+        self._cancelled = False
+        self._next_backend = 0
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._state_lock: IO[bytes] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped by a signal; return the process exit code."""
+        self._prepare_state_dir()
+        self._install_signal_handlers()
+        self.recover()
+        log.info(
+            "studio-agent ready: %d slot(s), queues under %s matching %r",
+            self.settings.max_concurrent,
+            self.settings.queue_root,
+            self.settings.queue_match,
+        )
+        while self.step():
+            pass
+        for backend in self.backends:
+            backend.close()
+        log.info("studio-agent stopped")
+        return 0
+
+    def step(self) -> bool:
+        """One pass of the loop; False once a drain has finished."""
+        self._settle_finished()
+        if self._stop_requests:
+            if not self._drain_step():
+                return False
+        elif len(self.jobs) < self.settings.max_concurrent:
+            delivery = self._receive()
+            if delivery is not None:
+                self._start(delivery)
+                return True
+        self._sleep(self.settings.poll_interval)
+        return True
+
+    def request_stop(self) -> None:
+        self._stop_requests += 1
+        self._wake()
+
+    def _prepare_state_dir(self) -> None:
+        state = self.settings.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)  # it holds raw messages, and those carry storage credentials
+        handle = (state / "agent.lock").open("ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"{state}: another studio-agent is using this state_dir") from None
+        self._state_lock = handle
+
+    def recover(self) -> None:
+        """Undo what a killed predecessor left: its experiments' processes, then its messages."""
+        work = self.settings.effective_work_dir
+        if work.is_dir():
+            for run_dir in work.iterdir():
+                if process.kill_orphan(run_dir / "process.json", self.settings.kill_grace):
+                    log.warning("killed an experiment left running by a previous agent: %s", run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
+        for backend in self.backends:
+            restored = backend.recover()
+            if restored:
+                log.warning("%s: %d unsettled message(s) returned to their queues", backend.kind, restored)
+
+    # -- signals and waking --------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_requests += 1  # only a flag: the loop does the work on its next pass
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _sleep(self, seconds: float) -> None:
+        readable, _, _ = select.select([self._wake_r], [], [], seconds)
+        if readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+
+    # -- taking work ---------------------------------------------------------------------------
+
+    def _receive(self) -> Delivery | None:
+        for offset in range(len(self.backends)):
+            index = (self._next_backend + offset) % len(self.backends)
+            delivery = self.backends[index].receive()
+            if delivery is not None:
+                self._next_backend = index + 1
+                return delivery
+        return None
+
+    def _start(self, delivery: Delivery) -> None:
+        where = f"{delivery.backend}:{delivery.queue}/{delivery.message_id}"
+        try:
+            request = parse_request(delivery.body)
+        except BadRequest as exc:
+            self._set_aside(delivery, "rejected", f"malformed message: {exc}")
+            return
+        if delivery.delivery_count > self.settings.max_attempts:
+            reason = f"handed out {delivery.delivery_count} times (max_attempts {self.settings.max_attempts})"
+            self._set_aside(delivery, "rejected", reason)
+            return
+        run = ExperimentRun(request, self.settings, self.executor)
+        job = Job(delivery, run)
+        job.thread = threading.Thread(
+            target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
+        )
+        self.jobs[id(job)] = job
+        log.info(
+            "experiment %s from %s: starting (attempt %d)", request.key, where, delivery.delivery_count
+        )
+        job.thread.start()
+
+    def _work(self, job: Job) -> None:
+        try:
+            outcome = job.run.run()
+        except Exception as exc:  # a bug must not kill the agent or lose the message
+            log.exception("experiment %s crashed the worker", job.run.request.key)
+            outcome = Outcome(job.run.request.key, "error", f"agent error: {exc!r}", transient=True)
+        self.finished.put((job, outcome))
+        self._wake()
+
+    # -- settling ------------------------------------------------------------------------------
+
+    def _settle_finished(self) -> None:
+        while True:
+            try:
+                job, outcome = self.finished.get_nowait()
+            except queue.Empty:
+                return
+            self.jobs.pop(id(job), None)
+            if job.thread is not None:
+                job.thread.join()
+            self._settle(job.delivery, outcome)
+
+    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        took = outcome.finished - outcome.started
+        log.info(
+            "experiment %s %s in %.1fs: %s", outcome.key, outcome.status, took, outcome.detail
+        )
+        if outcome.transient:
+            delivery.requeue()
+        elif outcome.status == "expired":
+            self._set_aside(delivery, "expired", outcome.detail)
+        else:
+            delivery.ack()
+
+    def _set_aside(self, delivery: Delivery, kind: str, reason: str) -> None:
+        """Keep the raw message and why under ``<state>/<kind>/``, then acknowledge it."""
+        folder = self.settings.state_dir / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{delivery.queue}-{delivery.message_id}"
+        (folder / stem).write_bytes(delivery.body)
+        about = {
+            "reason": reason,
+            "backend": delivery.backend,
+            "queue": delivery.queue,
+            "message_id": delivery.message_id,
+            "delivery_count": delivery.delivery_count,
+            "time": time.time(),
+        }
+        (folder / f"{stem}.reason.json").write_text(json.dumps(about, indent=1))
+        log.error("message %s/%s set aside in %s: %s", delivery.queue, delivery.message_id, folder / stem, reason)
+        delivery.ack()
+
+    # -- draining ------------------------------------------------------------------------------
+
+    def _drain_step(self) -> bool:
+        """Advance the drain; False when nothing is left running."""
+        now = time.monotonic()
+        if self._drain_deadline is None:
+            self._drain_deadline = now + self.settings.drain_timeout
+            log.info(
+                "draining: %d experiment(s) running, up to %.0fs", len(self.jobs), self.settings.drain_timeout
+            )
+        if self._stop_requests > 1:
+            self._drain_deadline = min(self._drain_deadline, now)
+        if not self.jobs:
+            return False
+        if now >= self._drain_deadline and not self._cancelled:
+            log.warning("drain time is up: stopping %d experiment(s); their messages go back", len(self.jobs))
+            for job in self.jobs.values():
+                job.run.cancel()
+            self._cancelled = True
+        return True
