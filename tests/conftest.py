@@ -1,0 +1,152 @@
+"""Shared fixtures: an isolated agent layout per test, a real agent process, a real submitter."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.request import Request
+from agent.settings import Settings, load_settings
+from agent.submit import Submission, submit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def venv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One environment cache for the whole session: the second experiment finds it warm."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@dataclass
+class Layout:
+    root: Path
+    config: Path
+    queue_root: Path
+    state_dir: Path
+    storage: Path
+
+    def settings(self) -> Settings:
+        return load_settings(self.config)
+
+    def queue_files(self, queue: str) -> list[Path]:
+        folder = self.queue_root / queue
+        return sorted(p for p in folder.iterdir() if p.name != "lock.lock") if folder.is_dir() else []
+
+    def results(self, key: str) -> Path:
+        return self.storage / "artifacts" / "experiments" / key
+
+
+@pytest.fixture
+def layout(tmp_path: Path, venv_cache: Path) -> Callable[..., Layout]:
+    def make(**overrides: object) -> Layout:
+        config = {
+            "queue_root": str(tmp_path / "queue"),
+            "state_dir": str(tmp_path / "state"),
+            "cache_dir": str(venv_cache),
+            "drain_timeout": "60s",
+            "kill_grace": "2s",
+            "poll_interval": 0.05,
+            "checkpoint_min_interval": "0s",
+        }
+        config.update(overrides)
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return Layout(tmp_path, path, tmp_path / "queue", tmp_path / "state", tmp_path / "store")
+
+    return make
+
+
+def write_workspace(folder: Path, script: str, name: str = "train.py") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(script)
+    return folder
+
+
+def submit_script(
+    lay: Layout, script: str, *args: str, queue: str = "local_test", **extra: object
+) -> Request:
+    """Enqueue ``script`` as train.py the way the 0.0.49 client would."""
+    workspace = write_workspace(lay.root / f"ws-{time.monotonic_ns()}", script)
+    return submit(
+        Submission(
+            workspace=workspace,
+            script="train.py",
+            args=list(args),
+            queue=queue,
+            queue_root=lay.queue_root,
+            storage=lay.storage,
+            **extra,  # type: ignore[arg-type]
+        )
+    )
+
+
+class AgentProcess:
+    """``studio-agent run`` as a real subprocess, so signals and exit codes are the real ones."""
+
+    def __init__(self, config: Path, log: Path):
+        self.log_path = log
+        self._log = log.open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STUDIO_AGENT_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged; agent log:\n{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[[Layout], AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(lay: Layout) -> AgentProcess:
+        agent = AgentProcess(lay.config, tmp_path / f"agent-{len(started)}.log")
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.proc.poll() is None:
+            agent.proc.kill()
+        agent.proc.wait()
+        agent._log.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)

@@ -1,0 +1,98 @@
+"""The real studioml 0.0.49 client submits; the agent serves; the client reads the results back."""
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.request import parse_request
+from tests.conftest import ROOT, AgentProcess, Layout, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.studioml]
+
+READ_BACK = """
+import json, sys
+from studio import model
+config = model.get_config(sys.argv[1])
+db = model.get_db_provider(config)
+experiment = db.get_experiment(sys.argv[2])
+paths = {label: db.get_artifact(experiment.artifacts[label]) for label in ("output", "modeldir")}
+print(json.dumps({"status": experiment.status, "paths": paths}))
+"""
+
+TRAIN = """
+import os, sys
+print("training with", sys.argv[1:])
+model_dir = os.path.join(os.environ["STUDIOML_HOME"], "experiments", os.environ["STUDIOML_EXPERIMENT"], "modeldir")
+open(os.path.join(model_dir, "weights.txt"), "w").write("w=42")
+print("done")
+"""
+
+
+@pytest.fixture(scope="session")
+def client_venv() -> Path:
+    venv = Path(os.environ.get("STUDIOML_CLIENT", ROOT / ".cache" / "studioml-client"))
+    if not (venv / "bin" / "studio-run").exists():
+        pytest.fail(f"the studioml 0.0.49 client is not installed in {venv}: run `make studioml-client`")
+    return venv
+
+
+def client_env(venv: Path, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", STUDIOML_HOME=str(home), STUDIOML_DUMMY_MODE="1")
+    return env
+
+
+def test_client_submission_served_and_read_back(
+    client_venv: Path, layout: Callable[..., Layout], start_agent: Callable[[Layout], AgentProcess], tmp_path: Path
+) -> None:
+    home, store = tmp_path / "studiohome", tmp_path / "clientstore"
+    lay = layout(queue_root=str(home / "queue"))
+    config = tmp_path / "client.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"type": "local", "endpoint": str(store), "bucket": "meta"},
+                "storage": {"type": "local", "endpoint": str(store), "bucket": "artifacts"},
+                "resources_needed": {"cpus": 1, "gpus": 0, "ram": "2gb", "hdd": "3gb"},
+                "saveWorkspaceFrequency": "1m",
+                "experimentLifetime": "30m",
+                "verbose": "error",
+            }
+        )
+    )
+    store.mkdir()  # the client refuses a store root that does not exist
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "train.py").write_text(TRAIN)
+    env = client_env(client_venv, home)
+    key = "clientexp1"
+    subprocess.run(
+        ["studio-run", f"--config={config}", "--queue", "local_x", "-e", key, "train.py", "10", "hello world"],
+        cwd=workspace, env=env, check=True, capture_output=True, timeout=120,
+    )
+    [message] = (home / "queue" / "local_x").iterdir()
+    raw = json.loads(message.read_bytes())
+    request = parse_request(message.read_bytes())
+    assert request.to_wire() == raw  # what the real client writes round-trips unchanged
+    assert request.experiment.args == ["10", "'hello world'"]
+
+    agent = start_agent(lay)
+    record = store / "meta" / "experiments" / key
+    wait_until(lambda: json.loads(record.read_text()).get("status") == "finished", timeout=240, what="finished")
+    assert agent.stop() == 0
+    assert not list((home / "queue" / "local_x").iterdir())
+
+    read = subprocess.run(
+        [str(client_venv / "bin" / "python"), "-c", READ_BACK, str(config), key],
+        cwd=workspace, env=env, check=True, capture_output=True, text=True, timeout=120,
+    )
+    result = json.loads(read.stdout.strip().splitlines()[-1])
+    assert result["status"] == "finished"
+    output = (Path(result["paths"]["output"]) / "output").read_text()
+    assert "training with ['10', 'hello world']\ndone\n" in output
+    assert (Path(result["paths"]["modeldir"]) / "weights.txt").read_text() == "w=42"

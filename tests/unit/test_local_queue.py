@@ -1,0 +1,158 @@
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.queues.base import QueueFilter
+from agent.queues.local import LOCK_NAME, LocalQueue, enqueue, queue_lock
+
+ANY = QueueFilter(r"^local_")
+
+
+def backend(tmp_path: Path, queue_filter: QueueFilter = ANY) -> LocalQueue:
+    return LocalQueue(tmp_path / "queue", tmp_path / "state", queue_filter)
+
+
+def put(tmp_path: Path, queue: str, body: bytes, mtime: float | None = None) -> Path:
+    path = enqueue(tmp_path / "queue", queue, body)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_oldest_message_first(tmp_path: Path) -> None:
+    now = time.time()
+    put(tmp_path, "local_a", b"new", now)
+    put(tmp_path, "local_a", b"old", now - 100)
+    put(tmp_path, "local_a", b"middle", now - 50)
+    queue = backend(tmp_path)
+    bodies = []
+    while (delivery := queue.receive()) is not None:
+        bodies.append(delivery.body)
+        delivery.ack()
+    assert bodies == [b"old", b"middle", b"new"]
+    assert not list((tmp_path / "queue" / "local_a").iterdir())
+
+
+def test_queue_names_filtered_and_new_folders_found(tmp_path: Path) -> None:
+    queue = backend(tmp_path, QueueFilter(r"^local_", r"_private$"))
+    assert queue.receive() is None  # no root yet: nothing, no error
+    put(tmp_path, "rmq_other", b"x")
+    put(tmp_path, "local_private", b"x")
+    put(tmp_path, "local_x_response", b"x")
+    assert queue.receive() is None
+    put(tmp_path, "local_new", b"hello")
+    delivery = queue.receive()
+    assert delivery is not None
+    assert (delivery.queue, delivery.body) == ("local_new", b"hello")
+    assert queue.served_queues() == ["local_new"]
+
+
+def test_requeue_puts_the_same_file_back_in_its_place(tmp_path: Path) -> None:
+    original = put(tmp_path, "local_a", b'{"experiment": 1}', time.time() - 500)
+    stat = original.stat()
+    put(tmp_path, "local_a", b"younger")
+    queue = backend(tmp_path)
+    delivery = queue.receive()
+    assert delivery is not None
+    assert delivery.body == b'{"experiment": 1}'
+    assert not original.exists()  # taken out of the queue while we hold it
+    delivery.requeue()
+    assert original.read_bytes() == b'{"experiment": 1}'
+    assert original.stat().st_mtime_ns == stat.st_mtime_ns
+    again = queue.receive()
+    assert again is not None
+    assert (again.message_id, again.delivery_count) == (original.name, 2)
+
+
+def test_ack_forgets_the_attempt_count(tmp_path: Path) -> None:
+    put(tmp_path, "local_a", b"m")
+    queue = backend(tmp_path)
+    first = queue.receive()
+    assert first is not None
+    first.ack()
+    assert not list((tmp_path / "state" / "attempts" / "local" / "local_a").iterdir())
+    assert not list((tmp_path / "state" / "inflight" / "local" / "local_a").iterdir())
+
+
+def test_messages_of_a_killed_agent_are_recovered(tmp_path: Path) -> None:
+    path = put(tmp_path, "local_a", b"precious")
+    delivery = backend(tmp_path).receive()
+    assert delivery is not None
+    assert not path.exists()
+    # A new agent with the same state dir, as after kill -9 and a restart.
+    restarted = backend(tmp_path)
+    assert restarted.recover() == 1
+    assert path.read_bytes() == b"precious"
+    again = restarted.receive()
+    assert again is not None
+    assert again.delivery_count == 2
+
+
+def test_waits_for_the_clients_lock(tmp_path: Path) -> None:
+    put(tmp_path, "local_a", b"m")
+    lock = tmp_path / "queue" / "local_a" / LOCK_NAME
+    lock.touch()  # what filelock.SoftFileLock does while the client writes
+    released = threading.Timer(0.3, lock.unlink)
+    released.start()
+    started = time.monotonic()
+    delivery = backend(tmp_path).receive()
+    released.join()
+    assert delivery is not None
+    assert time.monotonic() - started >= 0.25
+    assert not lock.exists()
+
+
+def test_a_stale_lock_is_broken(tmp_path: Path) -> None:
+    folder = tmp_path / "queue" / "local_a"
+    folder.mkdir(parents=True)
+    lock = folder / LOCK_NAME
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    with queue_lock(folder, wait=1):
+        assert lock.exists()
+    assert not lock.exists()
+
+
+def test_lock_files_and_hidden_files_are_not_messages(tmp_path: Path) -> None:
+    folder = tmp_path / "queue" / "local_a"
+    folder.mkdir(parents=True)
+    (folder / ".partial").write_bytes(b"x")
+    (folder / "subdir").mkdir()
+    assert backend(tmp_path).receive() is None
+
+
+def test_round_robin_across_queues(tmp_path: Path) -> None:
+    for _ in range(2):
+        put(tmp_path, "local_a", b"a")
+        put(tmp_path, "local_b", b"b")
+    queue = backend(tmp_path)
+    order = []
+    while (delivery := queue.receive()) is not None:
+        order.append(delivery.queue)
+        delivery.ack()
+    assert order in (["local_a", "local_b"] * 2, ["local_b", "local_a"] * 2)
+
+
+@pytest.mark.parametrize("count", [20])
+def test_two_consumers_never_take_the_same_message(tmp_path: Path, count: int) -> None:
+    for i in range(count):
+        put(tmp_path, "local_a", str(i).encode())
+    taken: list[bytes] = []
+    lock = threading.Lock()
+
+    def consume(state: str) -> None:
+        queue = LocalQueue(tmp_path / "queue", tmp_path / state, ANY)
+        while (delivery := queue.receive()) is not None:
+            with lock:
+                taken.append(delivery.body)
+            delivery.ack()
+
+    threads = [threading.Thread(target=consume, args=(f"state{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == sorted(str(i).encode() for i in range(count))
