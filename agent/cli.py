@@ -27,7 +27,9 @@ log = logging.getLogger("agent")
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, help="agent.yaml (default /etc/studio-agent/agent.yaml)")
+    common.add_argument(
+        "--config", type=Path, help="agent.yaml (default /etc/studio-agent/agent.yaml)"
+    )
     parser = argparse.ArgumentParser(prog="studio-agent", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[common], help="serve queues until stopped")
@@ -45,7 +47,9 @@ def _submit_parser(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--queue", default="local_demo")
     sub.add_argument("--key", default="", help="experiment key (default <time>_<uuid4>)")
     sub.add_argument("--storage", type=Path, help="local store (default <state_dir>/storage)")
-    sub.add_argument("--requirements", type=Path, help="pip requirements (default <ws>/requirements.txt)")
+    sub.add_argument(
+        "--requirements", type=Path, help="pip requirements (default <ws>/requirements.txt)"
+    )
     sub.add_argument("--pip", action="append", default=[], help="extra package (config.pip)")
     sub.add_argument("--env", action="append", default=[], metavar="K=V", help="config.env entry")
     sub.add_argument("--max-duration")
@@ -101,7 +105,9 @@ def submit_command(settings: Settings, options: argparse.Namespace) -> int:
     requirements_file = options.requirements or workspace / "requirements.txt"
     requirements = []
     if requirements_file.is_file():
-        requirements = [ln.strip() for ln in requirements_file.read_text().splitlines() if ln.strip()]
+        requirements = [
+            ln.strip() for ln in requirements_file.read_text().splitlines() if ln.strip()
+        ]
     env = dict(item.split("=", 1) for item in options.env if "=" in item)
     sub = Submission(
         workspace=workspace,
@@ -127,7 +133,9 @@ def submit_command(settings: Settings, options: argparse.Namespace) -> int:
     if options.wait is None:
         return EX_OK
     if wait_for(request.config, request.key, options.wait) is None:
-        print(f"experiment {request.key} did not finish within {options.wait:.0f}s", file=sys.stderr)
+        print(
+            f"experiment {request.key} did not finish within {options.wait:.0f}s", file=sys.stderr
+        )
         return EX_TEMPFAIL
     _print_results(sub.storage / "artifacts" / "experiments" / request.key)
     return EX_OK

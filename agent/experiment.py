@@ -58,7 +58,10 @@ def clean_env(settings: Settings, tmpdir: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k in BASE_ENV or k in PROXY_ENV or k in settings.pass_env or k.startswith(BASE_ENV_PREFIXES)
+        if k in BASE_ENV
+        or k in PROXY_ENV
+        or k in settings.pass_env
+        or k.startswith(BASE_ENV_PREFIXES)
     }
     agent_bin = str(Path(sys.prefix) / "bin")
     path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != agent_bin]
@@ -81,7 +84,9 @@ class ExperimentRun:
         self.executor = executor
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.home = settings.effective_work_dir / self.run_id
-        self.ctx = RunContext(request, self.home, self.home / "experiments" / request.key / "output" / "output")
+        self.ctx = RunContext(
+            request, self.home, self.home / "experiments" / request.key / "output" / "output"
+        )
         self._cancelled = threading.Event()
         self._fingerprints: dict[str, str] = {}
 
@@ -92,7 +97,10 @@ class ExperimentRun:
         outcome = Outcome(self.request.key, "failed")
         limit = min(self.request.time_limit(time.time()), self.settings.max_runtime)
         if limit <= 0:
-            outcome.status, outcome.detail = "expired", "experimentLifetime passed before it started"
+            outcome.status, outcome.detail = (
+                "expired",
+                "experimentLifetime passed before it started",
+            )
             return self._finish(outcome, upload=False)
         try:
             self._layout()
@@ -121,7 +129,9 @@ class ExperimentRun:
         mapping = self.home / "artifact_mappings" / self.request.key / "artifacts.json"
         mapping.parent.mkdir(parents=True, exist_ok=True)
         labels = set(self.request.experiment.artifacts) | {"workspace", "output"}
-        mapping.write_text(json.dumps({lb: str(self.ctx.artifact_dir(lb)) for lb in sorted(labels)}))
+        mapping.write_text(
+            json.dumps({lb: str(self.ctx.artifact_dir(lb)) for lb in sorted(labels)})
+        )
         self._note(f"experiment {self.request.key} on {socket.gethostname()} (run {self.run_id})")
 
     def _fetch_inputs(self) -> None:
@@ -131,7 +141,9 @@ class ExperimentRun:
             if label in SKIP_FETCH or (label == "_singularity"):
                 continue
             left = max(budget - fetched, 1) if budget else 0
-            fetched += transfer.fetch(label, artifact, self.request.config, self.ctx.artifact_dir(label), left)
+            fetched += transfer.fetch(
+                label, artifact, self.request.config, self.ctx.artifact_dir(label), left
+            )
         for label in self.request.mutable_labels():
             self._fingerprints[label] = archive.tree_fingerprint(self.ctx.artifact_dir(label))
 
@@ -156,9 +168,13 @@ class ExperimentRun:
     def _execute(self, launch: Launch, limit: float, outcome: Outcome) -> None:
         if self.settings.update_local_db:
             database.mark_running(self.request.config, self.request.key)
-        proc = process.spawn(launch.argv, self.ctx.workspace, self.child_env(launch), self.ctx.output_file)
+        proc = process.spawn(
+            launch.argv, self.ctx.workspace, self.child_env(launch), self.ctx.output_file
+        )
         process.record(proc, self.home / "process.json")
-        log.info("experiment %s started as pid %d: %s", self.request.key, proc.pid, launch.argv[1:2])
+        log.info(
+            "experiment %s started as pid %d: %s", self.request.key, proc.pid, launch.argv[1:2]
+        )
         status, code = self._watch(proc, time.monotonic() + limit)
         # Whatever the experiment left running in the background dies with it.
         process.kill_tree(proc.pid, self.settings.kill_grace, proc)
@@ -221,7 +237,9 @@ class ExperimentRun:
         artifact = self.request.experiment.artifacts[label]
         for attempt in range(1, UPLOAD_TRIES + 1):
             try:
-                return transfer.upload(label, artifact, self.request.config, self.ctx.artifact_dir(label))
+                return transfer.upload(
+                    label, artifact, self.request.config, self.ctx.artifact_dir(label)
+                )
             except (OSError, TransientError) as exc:
                 if attempt == UPLOAD_TRIES:
                     raise TransientError(f"upload of {label} failed: {exc}") from exc

@@ -8,7 +8,9 @@ import sys
 def setup_logging(level: str) -> None:
     # Under systemd (JOURNAL_STREAM set) journald adds its own timestamp and unit name.
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_journal
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)

@@ -49,10 +49,10 @@ class Resources(_Tolerant):
 
     cpus: LooseInt = 0
     gpus: LooseInt = 0
-    gpuCount: LooseInt = 0  # noqa: N815 - wire name
+    gpuCount: LooseInt = 0
     ram: LooseStr | None = None
     hdd: LooseStr | None = None
-    gpuMem: LooseStr | None = None  # noqa: N815 - wire name
+    gpuMem: LooseStr | None = None
 
     @field_validator("ram", "hdd", "gpuMem")
     @classmethod
@@ -118,8 +118,8 @@ class StoreConfig(_Tolerant):
 
 
 class StudioConfig(_Tolerant):
-    experimentLifetime: LooseStr | None = None  # noqa: N815 - wire name
-    saveWorkspaceFrequency: LooseStr | None = None  # noqa: N815 - wire name
+    experimentLifetime: LooseStr | None = None
+    saveWorkspaceFrequency: LooseStr | None = None
     env: dict[str, LooseStr] = Field(default_factory=dict)
     pip: list[LooseStr] = Field(default_factory=list)
     storage: StoreConfig | None = None

@@ -9,7 +9,6 @@ the value came from (file and line, or the environment variable).
 import os
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -158,9 +157,7 @@ class _GoAliasSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {
-            field: os.environ[name] for field, name in GO_ALIASES.items() if name in os.environ
-        }
+        return {field: os.environ[name] for field, name in GO_ALIASES.items() if name in os.environ}
 
 
 def config_files(main: Path) -> list[Path]:

@@ -25,7 +25,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import IO
 
@@ -119,12 +118,16 @@ class Supervisor:
         if work.is_dir():
             for run_dir in work.iterdir():
                 if process.kill_orphan(run_dir / "process.json", self.settings.kill_grace):
-                    log.warning("killed an experiment left running by a previous agent: %s", run_dir)
+                    log.warning(
+                        "killed an experiment left running by a previous agent: %s", run_dir
+                    )
                 shutil.rmtree(run_dir, ignore_errors=True)
         for backend in self.backends:
             restored = backend.recover()
             if restored:
-                log.warning("%s: %d unsettled message(s) returned to their queues", backend.kind, restored)
+                log.warning(
+                    "%s: %d unsettled message(s) returned to their queues", backend.kind, restored
+                )
 
     # -- signals and waking --------------------------------------------------------------------
 
@@ -164,8 +167,9 @@ class Supervisor:
         except BadRequest as exc:
             self._set_aside(delivery, "rejected", f"malformed message: {exc}")
             return
-        if delivery.delivery_count > self.settings.max_attempts:
-            reason = f"handed out {delivery.delivery_count} times (max_attempts {self.settings.max_attempts})"
+        limit = self.settings.max_attempts
+        if delivery.delivery_count > limit:
+            reason = f"handed out {delivery.delivery_count} times (max_attempts {limit})"
             self._set_aside(delivery, "rejected", reason)
             return
         run = ExperimentRun(request, self.settings, self.executor)
@@ -175,7 +179,10 @@ class Supervisor:
         )
         self.jobs[id(job)] = job
         log.info(
-            "experiment %s from %s: starting (attempt %d)", request.key, where, delivery.delivery_count
+            "experiment %s from %s: starting (attempt %d)",
+            request.key,
+            where,
+            delivery.delivery_count,
         )
         job.thread.start()
 
@@ -203,9 +210,7 @@ class Supervisor:
 
     def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         took = outcome.finished - outcome.started
-        log.info(
-            "experiment %s %s in %.1fs: %s", outcome.key, outcome.status, took, outcome.detail
-        )
+        log.info("experiment %s %s in %.1fs: %s", outcome.key, outcome.status, took, outcome.detail)
         if outcome.transient:
             delivery.requeue()
         elif outcome.status == "expired":
@@ -228,7 +233,13 @@ class Supervisor:
             "time": time.time(),
         }
         (folder / f"{stem}.reason.json").write_text(json.dumps(about, indent=1))
-        log.error("message %s/%s set aside in %s: %s", delivery.queue, delivery.message_id, folder / stem, reason)
+        log.error(
+            "message %s/%s set aside in %s: %s",
+            delivery.queue,
+            delivery.message_id,
+            folder / stem,
+            reason,
+        )
         delivery.ack()
 
     # -- draining ------------------------------------------------------------------------------
@@ -239,14 +250,19 @@ class Supervisor:
         if self._drain_deadline is None:
             self._drain_deadline = now + self.settings.drain_timeout
             log.info(
-                "draining: %d experiment(s) running, up to %.0fs", len(self.jobs), self.settings.drain_timeout
+                "draining: %d experiment(s) running, up to %.0fs",
+                len(self.jobs),
+                self.settings.drain_timeout,
             )
         if self._stop_requests > 1:
             self._drain_deadline = min(self._drain_deadline, now)
         if not self.jobs:
             return False
         if now >= self._drain_deadline and not self._cancelled:
-            log.warning("drain time is up: stopping %d experiment(s); their messages go back", len(self.jobs))
+            log.warning(
+                "drain time is up: stopping %d experiment(s); their messages go back",
+                len(self.jobs),
+            )
             for job in self.jobs.values():
                 job.run.cancel()
             self._cancelled = True

@@ -38,7 +38,9 @@ class Layout:
 
     def queue_files(self, queue: str) -> list[Path]:
         folder = self.queue_root / queue
-        return sorted(p for p in folder.iterdir() if p.name != "lock.lock") if folder.is_dir() else []
+        return (
+            sorted(p for p in folder.iterdir() if p.name != "lock.lock") if folder.is_dir() else []
+        )
 
     def results(self, key: str) -> Path:
         return self.storage / "artifacts" / "experiments" / key

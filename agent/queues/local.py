@@ -46,7 +46,9 @@ def queue_lock(queue_dir: Path, wait: float = LOCK_WAIT) -> Iterator[None]:
         except FileExistsError:
             _break_if_stale(lock)
             if time.monotonic() > deadline:
-                raise TransientError(f"queue lock {lock} is held for more than {wait:.0f}s") from None
+                raise TransientError(
+                    f"queue lock {lock} is held for more than {wait:.0f}s"
+                ) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
     os.close(fd)
@@ -203,6 +205,8 @@ class LocalQueue(QueueBackend):
         for queue_dir in sorted(p for p in self.inflight.iterdir() if p.is_dir()):
             for held in sorted(p for p in queue_dir.iterdir() if p.is_file()):
                 self._put_back(queue_dir.name, held)
-                log.warning("restored unsettled message %s to local queue %s", held.name, queue_dir.name)
+                log.warning(
+                    "restored unsettled message %s to local queue %s", held.name, queue_dir.name
+                )
                 restored += 1
         return restored

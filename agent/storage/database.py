@@ -55,6 +55,4 @@ def mark_running(config: StudioConfig, key: str) -> bool:
 
 def mark_finished(config: StudioConfig, key: str, status: str) -> bool:
     now = time.time()
-    return update_record(
-        config, key, status=status, time_finished=now, time_last_checkpoint=now
-    )
+    return update_record(config, key, status=status, time_finished=now, time_last_checkpoint=now)

@@ -31,7 +31,9 @@ def finished(lay: Layout, key: str) -> bool:
     return record.exists() and json.loads(record.read_text()).get("status") == "finished"
 
 
-def test_runs_experiments_concurrently(layout: Callable[..., Layout], start_agent: Start, tmp_path: Path) -> None:
+def test_runs_experiments_concurrently(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
     lay = layout(max_concurrent=2)
     started, release = tmp_path / "started", tmp_path / "release"
     started.mkdir()
@@ -47,7 +49,9 @@ def test_runs_experiments_concurrently(layout: Callable[..., Layout], start_agen
     assert lay.queue_files("local_test") == []
 
 
-def test_sigterm_drain_returns_a_cut_off_message(layout: Callable[..., Layout], start_agent: Start, tmp_path: Path) -> None:
+def test_sigterm_drain_returns_a_cut_off_message(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
     lay = layout(drain_timeout="1s")
     started = tmp_path / "started"
     started.mkdir()
@@ -64,7 +68,9 @@ def test_sigterm_drain_returns_a_cut_off_message(layout: Callable[..., Layout], 
     assert output.exists()  # what it produced before the cut was uploaded
 
 
-def test_drain_lets_a_running_experiment_finish(layout: Callable[..., Layout], start_agent: Start, tmp_path: Path) -> None:
+def test_drain_lets_a_running_experiment_finish(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
     lay = layout(drain_timeout="60s")
     started = tmp_path / "started"
     started.mkdir()
@@ -80,7 +86,9 @@ def test_drain_lets_a_running_experiment_finish(layout: Callable[..., Layout], s
     assert lay.queue_files("local_test") == []
 
 
-def test_kill_9_loses_no_message(layout: Callable[..., Layout], start_agent: Start, tmp_path: Path) -> None:
+def test_kill_9_loses_no_message(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
     lay = layout()
     started = tmp_path / "started"
     started.mkdir()
@@ -101,7 +109,9 @@ def test_kill_9_loses_no_message(layout: Callable[..., Layout], start_agent: Sta
     assert "released\n" in (lay.results(request.key) / "output.tar").read_text(errors="replace")
 
 
-def test_malformed_message_is_kept_under_rejected(layout: Callable[..., Layout], start_agent: Start) -> None:
+def test_malformed_message_is_kept_under_rejected(
+    layout: Callable[..., Layout], start_agent: Start
+) -> None:
     lay = layout()
     enqueue(lay.queue_root, "local_test", b'{"experiment": {"filename": "no-key.py"}}')
     enqueue(lay.queue_root, "local_test", b"\x00not json at all")
@@ -119,19 +129,25 @@ def test_malformed_message_is_kept_under_rejected(layout: Callable[..., Layout],
     assert oct(os.stat(lay.state_dir).st_mode & 0o777) == "0o700"
 
 
-def test_expired_message_is_recorded_and_not_run(layout: Callable[..., Layout], start_agent: Start, tmp_path: Path) -> None:
+def test_expired_message_is_recorded_and_not_run(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
     lay = layout()
     marker = tmp_path / "ran"
     submit_script(lay, f"open({str(marker)!r}, 'w')\n", lifetime="1s")
     time.sleep(1.2)
     agent = start_agent(lay)
-    wait_until(lambda: any((lay.state_dir / "expired").glob("*.reason.json")), what="expired record")
+    wait_until(
+        lambda: any((lay.state_dir / "expired").glob("*.reason.json")), what="expired record"
+    )
     assert agent.stop() == 0
     assert not marker.exists()
     assert lay.queue_files("local_test") == []
 
 
-def test_a_second_agent_on_the_same_state_dir_is_refused(layout: Callable[..., Layout], start_agent: Start) -> None:
+def test_a_second_agent_on_the_same_state_dir_is_refused(
+    layout: Callable[..., Layout], start_agent: Start
+) -> None:
     lay = layout()
     first = start_agent(lay)
     first.wait_for_log("ready")
@@ -139,3 +155,22 @@ def test_a_second_agent_on_the_same_state_dir_is_refused(layout: Callable[..., L
     assert second.proc.wait(30) == 78
     assert "another studio-agent is using this state_dir" in second.log()
     assert first.stop() == 0
+
+
+def test_a_message_handed_out_too_often_is_set_aside(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
+    lay = layout(max_attempts=2)
+    marker = tmp_path / "ran"
+    submit_script(lay, f"open({str(marker)!r}, 'w')\n")
+    [message] = lay.queue_files("local_test")
+    # Two earlier agents took it and never settled it (killed, or their results never saved).
+    counter = lay.state_dir / "attempts" / "local" / "local_test" / message.name
+    counter.parent.mkdir(parents=True)
+    counter.write_text("2")
+    agent = start_agent(lay)
+    wait_until(lambda: any((lay.state_dir / "rejected").glob("*.reason.json")), what="poison")
+    assert agent.stop() == 0
+    [reason] = (lay.state_dir / "rejected").glob("*.reason.json")
+    assert "handed out 3 times (max_attempts 2)" in reason.read_text()
+    assert not marker.exists()

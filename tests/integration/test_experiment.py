@@ -55,7 +55,9 @@ def test_run_uploads_output_and_artifacts_where_the_client_reads_them(
 ) -> None:
     lay = layout()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "agent-own-secret")
-    request = submit_script(lay, ENV_PROBE, "10", "hello world", "$HOME", env={"SEED": 7, "PATH": "%PATH%:/extra"})
+    request = submit_script(
+        lay, ENV_PROBE, "10", "hello world", "$HOME", env={"SEED": 7, "PATH": "%PATH%:/extra"}
+    )
     outcome = run(lay, request)
     assert (outcome.status, outcome.exit_code, outcome.transient) == ("completed", 0, False)
 
@@ -111,7 +113,9 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_timeout_kills_the_whole_process_tree(layout: Callable[..., Layout], tmp_path: Path) -> None:
+def test_timeout_kills_the_whole_process_tree(
+    layout: Callable[..., Layout], tmp_path: Path
+) -> None:
     lay = layout()
     pids_file = tmp_path / "pids"
     request = submit_script(lay, FAMILY, str(pids_file), max_duration="3s")
@@ -149,7 +153,9 @@ def test_checkpoint_uploads_while_running(layout: Callable[..., Layout]) -> None
     thread = threading.Thread(target=lambda: result.append(experiment.run()))
     thread.start()
     output_tar = lay.results(request.key) / "output.tar"
-    wait_until(lambda: output_tar.exists() and b"phase one" in output_tar.read_bytes(), what="checkpoint")
+    wait_until(
+        lambda: output_tar.exists() and b"phase one" in output_tar.read_bytes(), what="checkpoint"
+    )
     assert thread.is_alive()  # the upload happened mid-run
     (experiment.ctx.workspace / "release").touch()
     thread.join(60)
@@ -174,14 +180,21 @@ def test_cancel_keeps_output_and_asks_for_requeue(layout: Callable[..., Layout])
     result: list[Outcome] = []
     thread = threading.Thread(target=lambda: result.append(experiment.run()))
     thread.start()
-    wait_until(lambda: experiment.ctx.output_file.exists() and b"working" in experiment.ctx.output_file.read_bytes())
+    wait_until(
+        lambda: (
+            experiment.ctx.output_file.exists()
+            and b"working" in experiment.ctx.output_file.read_bytes()
+        )
+    )
     experiment.cancel()
     thread.join(30)
     assert (result[0].status, result[0].transient) == ("cancelled", True)
     assert "working\n" in read_output(lay, request.key)
 
 
-def test_missing_workspace_fails_with_the_reason_in_the_output(layout: Callable[..., Layout]) -> None:
+def test_missing_workspace_fails_with_the_reason_in_the_output(
+    layout: Callable[..., Layout],
+) -> None:
     lay = layout()
     request = submit_script(lay, "print('never')\n")
     workspace_key = request.experiment.artifacts["workspace"].key
@@ -192,7 +205,9 @@ def test_missing_workspace_fails_with_the_reason_in_the_output(layout: Callable[
     assert "no object" in read_output(lay, request.key)
 
 
-def test_failed_install_fails_the_experiment_with_the_installers_message(layout: Callable[..., Layout]) -> None:
+def test_failed_install_fails_the_experiment_with_the_installers_message(
+    layout: Callable[..., Layout],
+) -> None:
     lay = layout()
     request = submit_script(lay, "print('never')\n", pip=["this-package-does-not-exist-xyz==9.9.9"])
     outcome = run(lay, request)

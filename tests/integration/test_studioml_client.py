@@ -27,7 +27,8 @@ print(json.dumps({"status": experiment.status, "paths": paths}))
 TRAIN = """
 import os, sys
 print("training with", sys.argv[1:])
-model_dir = os.path.join(os.environ["STUDIOML_HOME"], "experiments", os.environ["STUDIOML_EXPERIMENT"], "modeldir")
+home, key = os.environ["STUDIOML_HOME"], os.environ["STUDIOML_EXPERIMENT"]
+model_dir = os.path.join(home, "experiments", key, "modeldir")  # fs_tracker's layout
 open(os.path.join(model_dir, "weights.txt"), "w").write("w=42")
 print("done")
 """
@@ -37,18 +38,25 @@ print("done")
 def client_venv() -> Path:
     venv = Path(os.environ.get("STUDIOML_CLIENT", ROOT / ".cache" / "studioml-client"))
     if not (venv / "bin" / "studio-run").exists():
-        pytest.fail(f"the studioml 0.0.49 client is not installed in {venv}: run `make studioml-client`")
+        pytest.fail(
+            f"the studioml 0.0.49 client is not installed in {venv}: run `make studioml-client`"
+        )
     return venv
 
 
 def client_env(venv: Path, home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", STUDIOML_HOME=str(home), STUDIOML_DUMMY_MODE="1")
+    env.update(
+        PATH=f"{venv / 'bin'}:{env['PATH']}", STUDIOML_HOME=str(home), STUDIOML_DUMMY_MODE="1"
+    )
     return env
 
 
 def test_client_submission_served_and_read_back(
-    client_venv: Path, layout: Callable[..., Layout], start_agent: Callable[[Layout], AgentProcess], tmp_path: Path
+    client_venv: Path,
+    layout: Callable[..., Layout],
+    start_agent: Callable[[Layout], AgentProcess],
+    tmp_path: Path,
 ) -> None:
     home, store = tmp_path / "studiohome", tmp_path / "clientstore"
     lay = layout(queue_root=str(home / "queue"))
@@ -72,8 +80,22 @@ def test_client_submission_served_and_read_back(
     env = client_env(client_venv, home)
     key = "clientexp1"
     subprocess.run(
-        ["studio-run", f"--config={config}", "--queue", "local_x", "-e", key, "train.py", "10", "hello world"],
-        cwd=workspace, env=env, check=True, capture_output=True, timeout=120,
+        [
+            "studio-run",
+            f"--config={config}",
+            "--queue",
+            "local_x",
+            "-e",
+            key,
+            "train.py",
+            "10",
+            "hello world",
+        ],
+        cwd=workspace,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     [message] = (home / "queue" / "local_x").iterdir()
     raw = json.loads(message.read_bytes())
@@ -83,13 +105,22 @@ def test_client_submission_served_and_read_back(
 
     agent = start_agent(lay)
     record = store / "meta" / "experiments" / key
-    wait_until(lambda: json.loads(record.read_text()).get("status") == "finished", timeout=240, what="finished")
+    wait_until(
+        lambda: json.loads(record.read_text()).get("status") == "finished",
+        timeout=240,
+        what="finished",
+    )
     assert agent.stop() == 0
     assert not list((home / "queue" / "local_x").iterdir())
 
     read = subprocess.run(
         [str(client_venv / "bin" / "python"), "-c", READ_BACK, str(config), key],
-        cwd=workspace, env=env, check=True, capture_output=True, text=True, timeout=120,
+        cwd=workspace,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     result = json.loads(read.stdout.strip().splitlines()[-1])
     assert result["status"] == "finished"

@@ -24,7 +24,9 @@ def alive(pid: int) -> bool:
 
 def start_family(tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
     pids_file = tmp_path / "pids"
-    proc = process.spawn([sys.executable, "-c", FAMILY, str(pids_file)], tmp_path, dict(os.environ), tmp_path / "out")
+    proc = process.spawn(
+        [sys.executable, "-c", FAMILY, str(pids_file)], tmp_path, dict(os.environ), tmp_path / "out"
+    )
     wait_until(lambda: pids_file.exists() and pids_file.read_text(), what="grandchildren")
     return proc, [int(p) for p in pids_file.read_text().split()]
 
@@ -34,7 +36,9 @@ def test_kill_tree_reaches_grandchildren_that_left_the_session(tmp_path: Path) -
     leader = proc.pid
     assert process.tree(leader) >= {leader, *grandchildren}
     process.kill_tree(leader, grace=2, proc=proc)
-    wait_until(lambda: not any(alive(p) for p in [leader, *grandchildren]), timeout=10, what="tree gone")
+    wait_until(
+        lambda: not any(alive(p) for p in [leader, *grandchildren]), timeout=10, what="tree gone"
+    )
 
 
 def test_kill_orphan_only_kills_the_recorded_process(tmp_path: Path) -> None:
@@ -47,13 +51,17 @@ def test_kill_orphan_only_kills_the_recorded_process(tmp_path: Path) -> None:
     record.write_text(f'{{"pid": {leader}, "start": {process.start_time(leader)}}}')
     assert process.kill_orphan(record, grace=2)
     proc.wait(10)
-    wait_until(lambda: not any(alive(p) for p in [leader, *grandchildren]), timeout=10, what="tree gone")
+    wait_until(
+        lambda: not any(alive(p) for p in [leader, *grandchildren]), timeout=10, what="tree gone"
+    )
 
 
 def test_spawn_appends_both_streams_to_the_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_bytes(b"before\n")
-    code = "import sys; print('line1'); print('err', file=sys.stderr); sys.stdout.write('no newline')"
+    code = (
+        "import sys; print('line1'); print('err', file=sys.stderr); sys.stdout.write('no newline')"
+    )
     proc = process.spawn([sys.executable, "-c", code], tmp_path, dict(os.environ), out)
     assert proc.wait(10) == 0
     time.sleep(0.05)

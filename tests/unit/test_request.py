@@ -6,7 +6,9 @@ import pytest
 from agent.errors import BadRequest
 from agent.request import REDACTED, parse_request, redact
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "example_message_redacted.json"
+EXAMPLE = (
+    Path(__file__).resolve().parents[3] / "shared" / "reference" / "example_message_redacted.json"
+)
 
 
 def minimal(**experiment: object) -> bytes:
@@ -19,7 +21,14 @@ def test_example_message_round_trips_unchanged() -> None:
     assert request.to_wire() == raw
     assert request.key == raw["experiment"]["key"]
     assert request.experiment.artifacts["workspace"].mutable is False
-    assert request.mutable_labels() == ["modeldir", "retval", "output", "tb", "_metrics", "_metadata"]
+    assert request.mutable_labels() == [
+        "modeldir",
+        "retval",
+        "output",
+        "tb",
+        "_metrics",
+        "_metadata",
+    ]
     assert request.config.env["PATH"] == "%PATH%:./bin"
     assert request.checkpoint_interval() == 180
 
@@ -47,7 +56,9 @@ def test_sloppy_client_types_are_coerced() -> None:
 
 
 def test_unknown_keys_are_kept() -> None:
-    body = json.dumps({"experiment": {"key": "k", "project_version": "v2"}, "config": {"x": {"y": 1}}, "z": 1})
+    body = json.dumps(
+        {"experiment": {"key": "k", "project_version": "v2"}, "config": {"x": {"y": 1}}, "z": 1}
+    )
     assert parse_request(body.encode()).to_wire() == json.loads(body)
 
 
@@ -73,7 +84,10 @@ def test_bad_messages_are_rejected_with_a_reason(body: bytes, reason: str) -> No
 def test_time_limit_is_the_smallest_of_duration_lifetime_and_cap() -> None:
     now = 2_000_000_000.0
     body = json.dumps(
-        {"experiment": {"key": "k", "time_added": now - 600, "max_duration": "20m"}, "config": {"experimentLifetime": "30m"}}
+        {
+            "experiment": {"key": "k", "time_added": now - 600, "max_duration": "20m"},
+            "config": {"experimentLifetime": "30m"},
+        }
     )
     request = parse_request(body.encode())
     assert request.time_limit(now) == pytest.approx(1200)

@@ -31,7 +31,9 @@ def test_file_then_drop_ins_in_order(tmp_path: Path) -> None:
     assert settings.queue_root == Path("/q")
 
 
-def test_environment_beats_files_and_prefix_beats_go_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_beats_files_and_prefix_beats_go_alias(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     main = write(tmp_path / "agent.yaml", "max_mem: 1gb\nqueue_match: ^file_\n")
     monkeypatch.setenv("MAX_MEM", "2gb")
     monkeypatch.setenv("QUEUE_MATCH", "^go_")
@@ -89,7 +91,9 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_check_config_prints_effective_config(tmp_path: Path) -> None:

@@ -32,7 +32,16 @@ def test_bad_sizes_are_refused(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("20m", 1200), ("48h", 172800), ("1h30m", 5400), ("300s", 300), ("1.5h", 5400), ("250ms", 0.25), ("90", 90), (30, 30)],
+    [
+        ("20m", 1200),
+        ("48h", 172800),
+        ("1h30m", 5400),
+        ("300s", 300),
+        ("1.5h", 5400),
+        ("250ms", 0.25),
+        ("90", 90),
+        (30, 30),
+    ],
 )
 def test_durations_follow_go(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
