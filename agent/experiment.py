@@ -113,7 +113,8 @@ class ExperimentRun:
                 self._execute(launch, limit, outcome)
             finally:
                 launch.release()
-        except TransientError as exc:
+        except (TransientError, OSError) as exc:
+            # Disk full, permissions, storage down: not the experiment's fault; another try.
             outcome.status, outcome.detail, outcome.transient = "error", str(exc), True
         except PermanentError as exc:
             outcome.status, outcome.detail = "failed", str(exc)

@@ -223,7 +223,10 @@ class Supervisor:
         folder = self.settings.state_dir / kind
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{delivery.queue}-{delivery.message_id}"
-        (folder / stem).write_bytes(delivery.body)
+        # Owner-only: a raw message carries the storage credentials of its submitter.
+        fd = os.open(folder / stem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as kept:
+            kept.write(delivery.body)
         about = {
             "reason": reason,
             "backend": delivery.backend,
