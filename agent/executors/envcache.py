@@ -1,0 +1,383 @@
+"""A size-capped cache of experiment virtualenvs, shared by threads and processes on one host.
+
+Each env lives at ``<root>/<hash>`` and is built in place, because a virtualenv hard-codes its
+own path and cannot be moved after the build. Two flock files guard it:
+
+- ``<hash>.lock``: every user holds a shared lock on it from before the env is checked or built
+  until its lease is released; eviction only ever tries a non-blocking exclusive lock, so it can
+  never pull an env from under a build or a running experiment.
+- ``<hash>.build``: exclusive while building, so racing requests build once and the others wait
+  and reuse. It is a separate file because upgrading the shared lock instead would wait for every
+  lease on the env to end, which for a long experiment is hours.
+
+``.complete`` is written last: a directory without it is a crashed build.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Literal
+
+from agent.errors import ConfigError, EnvironmentFailed
+from agent.executors.pythonenv import Interpreter
+
+InstallerChoice = Literal["auto", "uv", "pip"]
+
+MARKER = ".complete"
+LAST_USED = ".last_used"
+REQUIREMENTS_FILE = ".studio-requirements.txt"
+CONFIG_PIP_FILE = ".studio-config-pip.txt"
+TAIL_LINES = 20
+DEFAULT_INSTALL_TIMEOUT = 3600.0
+# These would point the installer (and so the new env) at the agent's own interpreter.
+_HIDDEN_VARIABLES = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What one env is made of."""
+
+    interpreter: Interpreter
+    requirements: tuple[str, ...]
+    extra: tuple[str, ...]  # config.pip, installed after the requirements
+
+    @property
+    def key(self) -> str:
+        """Same Python version and same packages give the same env, whichever installer.
+
+        ``pythonenv`` is a set (freeze order carries no meaning) but ``config.pip`` is installed
+        in the order given, so only the former is sorted.
+        """
+        payload = json.dumps(
+            [self.interpreter.version_text, sorted(self.requirements), list(self.extra)]
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def find_uv() -> Path | None:
+    """uv from the agent's own venv first (the version it was tested with), else from PATH."""
+    beside = Path(sys.executable).parent / "uv"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    on_path = shutil.which("uv")
+    return Path(on_path) if on_path else None
+
+
+def _is_same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _lock_file(path: Path, operation: int) -> int | None:
+    """An fd holding ``operation`` on ``path``; None when LOCK_NB was asked and it is busy.
+
+    Eviction unlinks lock files, so a lock won on a file that has since been unlinked guards
+    nothing: open the current file and try again.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+class EnvLease:
+    """A built env in use; it cannot be evicted until ``release``."""
+
+    def __init__(self, path: Path, fd: int, hit: bool) -> None:
+        self.path = path
+        self.hit = hit
+        self._fd: int | None = fd
+        self._guard = threading.Lock()
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+    def release(self) -> None:
+        with self._guard:
+            if self._fd is not None:
+                os.close(self._fd)  # closing the fd drops its shared flock
+                self._fd = None
+
+    def __enter__(self) -> "EnvLease":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _say(log: BinaryIO, text: str) -> None:
+    log.write(f"studio-agent: {text}\n".encode())
+    log.flush()
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _last_used(env_dir: Path) -> float:
+    # A build that died between its marker and its first touch still ages from the marker.
+    stamp = env_dir / LAST_USED
+    return (stamp if stamp.exists() else env_dir / MARKER).stat().st_mtime
+
+
+def _is_complete(env_dir: Path) -> bool:
+    return (env_dir / MARKER).is_file()
+
+
+class EnvCache:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        installer: InstallerChoice = "auto",
+        install_timeout: float = DEFAULT_INSTALL_TIMEOUT,
+    ) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.install_timeout = install_timeout
+        self._uv = None if installer == "pip" else find_uv()
+        if installer == "uv" and self._uv is None:
+            raise ConfigError(
+                f"installer 'uv' is configured but no uv binary is next to {sys.executable} "
+                "or on PATH (pip install uv, or set the installer to pip)"
+            )
+        self.installer: Literal["uv", "pip"] = "pip" if self._uv is None else "uv"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def acquire(
+        self,
+        interpreter: Interpreter,
+        requirements: Sequence[str],
+        extra: Sequence[str],
+        log: BinaryIO,
+    ) -> EnvLease:
+        """Reuse or build the env for these packages and hold it until the lease is released."""
+        spec = EnvSpec(interpreter, tuple(requirements), tuple(extra))
+        key, env_dir = spec.key, self.root / spec.key
+        # Shared from the start: eviction cannot remove the env while it is checked or built.
+        fd = _lock_file(self.root / f"{key}.lock", fcntl.LOCK_SH)
+        assert fd is not None  # only LOCK_NB can come back empty-handed
+        try:
+            built = not _is_complete(env_dir) and self._build_once(spec, log)
+            (env_dir / LAST_USED).touch()
+        except BaseException:
+            os.close(fd)
+            raise
+        lease = EnvLease(env_dir, fd, hit=not built)
+        if built:
+            self._evict(keep=key)
+        else:
+            _say(log, f"reusing environment {key} (Python {interpreter.version_text})")
+        return lease
+
+    def _build_once(self, spec: EnvSpec, log: BinaryIO) -> bool:
+        """Build the env unless a racing request finished it first; True when this call built."""
+        build_fd = _lock_file(self.root / f"{spec.key}.build", fcntl.LOCK_EX)
+        assert build_fd is not None
+        try:
+            if _is_complete(self.root / spec.key):
+                return False
+            self._build(spec, log)
+            return True
+        finally:
+            os.close(build_fd)
+
+    def _build(self, spec: EnvSpec, log: BinaryIO) -> None:
+        key, env_dir = spec.key, self.root / spec.key
+        count = len(spec.requirements) + len(spec.extra)
+        _say(
+            log,
+            f"building environment {key} with {self.installer} for Python "
+            f"{spec.interpreter.version_text} ({count} packages)",
+        )
+        if env_dir.exists():
+            _say(log, f"removing the unfinished build of environment {key}")
+            shutil.rmtree(env_dir)
+        try:
+            self._create_venv(spec.interpreter, env_dir, log)
+            self._install(env_dir, REQUIREMENTS_FILE, spec.requirements, log)
+            self._install(env_dir, CONFIG_PIP_FILE, spec.extra, log)
+            self._write_marker(env_dir, spec)
+        except BaseException:
+            shutil.rmtree(env_dir, ignore_errors=True)
+            raise
+
+    def _create_venv(self, interpreter: Interpreter, env_dir: Path, log: BinaryIO) -> None:
+        if self._uv is not None:
+            # --seed: pip and setuptools in the env, as a pip-built env has them; experiments
+            # that call pip or pkg_resources behave the same whichever installer built it.
+            argv = [
+                str(self._uv),
+                "venv",
+                "--seed",
+                "--python",
+                str(interpreter.path),
+                str(env_dir),
+            ]
+            self._run_installer("uv venv", argv, log)
+        else:
+            argv = [str(interpreter.path), "-m", "venv", str(env_dir)]
+            self._run_installer("python -m venv", argv, log)
+
+    def _install(self, env_dir: Path, file_name: str, lines: Sequence[str], log: BinaryIO) -> None:
+        if not lines:
+            return
+        req_file = env_dir / file_name
+        req_file.write_text("".join(f"{line}\n" for line in lines))
+        python = str(env_dir / "bin" / "python")
+        if self._uv is not None:
+            argv = [str(self._uv), "pip", "install", "--python", python, "-r", str(req_file)]
+            self._run_installer("uv pip install", argv, log)
+        else:
+            argv = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+            self._run_installer("pip install", [*argv, "-r", str(req_file)], log)
+
+    def _installer_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_VARIABLES}
+        env["UV_CACHE_DIR"] = str(self.root / ".uv-cache")
+        env.setdefault("PIP_NO_INPUT", "1")
+        return env
+
+    def _run_installer(self, step: str, argv: list[str], log: BinaryIO) -> None:
+        """Run one installer step, copying its output to ``log`` and keeping the tail for errors."""
+        _say(log, f"$ {' '.join(argv)}")
+        tail: deque[bytes] = deque(maxlen=TAIL_LINES)
+        timed_out = threading.Event()
+        # Its own session, so that killing it also kills the build backends pip and uv start.
+        with subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self._installer_env(),
+            cwd=self.root,
+            start_new_session=True,
+        ) as proc:
+            timer = threading.Timer(self.install_timeout, _time_out, (proc, timed_out))
+            timer.start()
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    log.write(line)
+                    tail.append(line)
+            except BaseException:
+                _kill_group(proc)
+                raise
+            finally:
+                timer.cancel()
+                log.flush()
+        if proc.returncode != 0:
+            raise EnvironmentFailed(
+                _failure_message(step, proc.returncode, tail, timed_out.is_set())
+            )
+
+    def _write_marker(self, env_dir: Path, spec: EnvSpec) -> None:
+        record = {
+            "python": spec.interpreter.version_text,
+            "interpreter": str(spec.interpreter.path),
+            "installer": self.installer,
+            "requirements": list(spec.requirements),
+            "pip": list(spec.extra),
+            "size_bytes": _tree_size(env_dir),
+            "built_at": time.time(),
+        }
+        temporary = env_dir / f"{MARKER}.tmp"
+        temporary.write_text(json.dumps(record, indent=1))
+        os.replace(temporary, env_dir / MARKER)
+
+    def _complete_envs(self) -> list[tuple[float, str, int]]:
+        """(last used, key, recorded size) of every complete env."""
+        found = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                size = int(json.loads((entry / MARKER).read_text())["size_bytes"])
+                used = _last_used(entry)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being built or removed right now
+            found.append((used, entry.name, size))
+        return found
+
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used idle envs until the recorded sizes fit in ``max_bytes``."""
+        if self.max_bytes <= 0:
+            return
+        envs = sorted(self._complete_envs())
+        total = sum(size for _used, _key, size in envs)
+        for _used, key, size in envs:
+            if total <= self.max_bytes:
+                break
+            if key != keep and self._remove_if_idle(key):
+                total -= size
+
+    def _remove_if_idle(self, key: str) -> bool:
+        lock_path = self.root / f"{key}.lock"
+        fd = _lock_file(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:
+            return False  # leased or being built
+        try:
+            # Marker first, so nobody ever takes a half-deleted env for a complete one.
+            (self.root / key / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(self.root / key, ignore_errors=True)
+            (self.root / f"{key}.build").unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        return True
+
+
+def _time_out(proc: "subprocess.Popen[bytes]", timed_out: threading.Event) -> None:
+    timed_out.set()
+    _kill_group(proc)
+
+
+def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _failure_message(step: str, code: int, tail: deque[bytes], timed_out: bool) -> str:
+    what = "timed out and was killed" if timed_out else f"failed with exit code {code}"
+    output = b"".join(tail).decode(errors="replace").rstrip()
+    return f"{step} {what}; last lines of its output:\n{output}"
