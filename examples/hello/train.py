@@ -6,8 +6,12 @@ import sys
 import time
 
 epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-model_dir = os.path.join(os.environ.get("STUDIOML_HOME", "."), "experiments",
-                         os.environ.get("STUDIOML_EXPERIMENT", "local"), "modeldir")
+model_dir = os.path.join(
+    os.environ.get("STUDIOML_HOME", "."),
+    "experiments",
+    os.environ.get("STUDIOML_EXPERIMENT", "local"),
+    "modeldir",
+)
 os.makedirs(model_dir, exist_ok=True)
 loss = 1.0
 for epoch in range(epochs):
