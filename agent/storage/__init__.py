@@ -4,7 +4,7 @@ from pathlib import Path
 
 from agent.errors import BadRequest
 from agent.request import Artifact, StoreConfig, StudioConfig
-from agent.storage.base import Storage
+from agent.storage.base import Storage, StorageOptions
 from agent.storage.local import LocalStorage
 
 
@@ -16,7 +16,9 @@ def local_root(store: StoreConfig) -> Path:
     return Path(endpoint) / (store.bucket or "")
 
 
-def resolve(label: str, artifact: Artifact, config: StudioConfig) -> tuple[Storage, str]:
+def resolve(
+    label: str, artifact: Artifact, config: StudioConfig, options: StorageOptions | None = None
+) -> tuple[Storage, str]:
     """The store and key of one artifact.
 
     For ``type: local`` the 0.0.49 client writes ``qualified`` with a slash missing

@@ -3,9 +3,21 @@
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 Producer = Callable[[BinaryIO], object]
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """The agent's own storage settings (the request carries endpoints and credentials)."""
+
+    s3_ca_bundle: Path | None = None  # PEM bundle for TLS endpoints with a private CA
+    s3_verify: bool = True
+    s3_retries: int = 5  # botocore attempts per request, standard retry mode
+    s3_part_size: int = 16 * 2**20  # multipart chunk; memory per upload is about 2 parts
 
 
 class Storage(ABC):

@@ -6,20 +6,28 @@ from pathlib import Path, PurePosixPath
 from agent.errors import ArtifactMissing, BadRequest
 from agent.request import Artifact, StudioConfig
 from agent.storage import archive, resolve
+from agent.storage.base import StorageOptions
 
 COPY_CHUNK = 1 << 20
 # The 0.0.49 client turns a tar whose only member is "./<name>" into a file: retval must be one.
 SINGLE_FILE_LABELS = frozenset({"retval"})
 
 
-def fetch(label: str, artifact: Artifact, config: StudioConfig, dest: Path, budget: int) -> int:
+def fetch(
+    label: str,
+    artifact: Artifact,
+    config: StudioConfig,
+    dest: Path,
+    budget: int,
+    options: StorageOptions | None = None,
+) -> int:
     """Download ``artifact`` into ``dest``; return its payload bytes.
 
     A missing mutable artifact is normal (nothing checkpointed yet) and yields 0 bytes; a missing
     immutable one raises ArtifactMissing. ``budget`` caps extracted bytes (0 means no cap).
     """
     dest.mkdir(parents=True, exist_ok=True)
-    store, key = resolve(label, artifact, config)
+    store, key = resolve(label, artifact, config, options)
     try:
         with store.open_read(key) as stream:
             if not artifact.unpack:
@@ -36,9 +44,15 @@ def fetch(label: str, artifact: Artifact, config: StudioConfig, dest: Path, budg
         raise
 
 
-def upload(label: str, artifact: Artifact, config: StudioConfig, src: Path) -> int:
+def upload(
+    label: str,
+    artifact: Artifact,
+    config: StudioConfig,
+    src: Path,
+    options: StorageOptions | None = None,
+) -> int:
     """Tar ``src`` to the artifact's key; return the bytes stored."""
-    store, key = resolve(label, artifact, config)
+    store, key = resolve(label, artifact, config, options)
     single = label if label in SINGLE_FILE_LABELS else None
     compression = archive.compression_for_key(key)
     return store.write(
