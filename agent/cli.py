@@ -17,7 +17,7 @@ import yaml
 from agent import __version__
 from agent.errors import ConfigError
 from agent.log import setup_logging
-from agent.queues.base import QueueFilter
+from agent.queues.base import QueueBackend, QueueFilter
 from agent.queues.local import LocalQueue
 from agent.settings import Settings, effective_config, load_settings
 
@@ -93,9 +93,29 @@ def run_command(settings: Settings, level: str | None) -> int:
     from agent.supervisor import Supervisor
 
     setup_logging(level or settings.log_level)
+    return Supervisor(settings, build_backends(settings), build_executor(settings)).run()
+
+
+def build_backends(settings: Settings) -> list[QueueBackend]:
+    """The local queue root always; a broker when ``amqp_url`` names one."""
     queue_filter = QueueFilter(settings.queue_match, settings.queue_mismatch)
-    backends = [LocalQueue(settings.queue_root, settings.state_dir, queue_filter)]
-    return Supervisor(settings, list(backends), build_executor(settings)).run()
+    backends: list[QueueBackend] = [
+        LocalQueue(settings.queue_root, settings.state_dir, queue_filter)
+    ]
+    if settings.amqp_url:
+        from agent.queues.rabbitmq import RabbitQueue
+
+        rabbit = RabbitQueue(
+            "config",
+            settings.amqp_url,
+            queue_filter,
+            settings.state_dir,
+            mgmt_url=settings.amqp_mgmt_url or None,
+            ca_file=settings.amqp_ca_file,
+            refresh=settings.amqp_refresh,
+        )
+        backends.append(rabbit)
+    return backends
 
 
 def submit_command(settings: Settings, options: argparse.Namespace) -> int:

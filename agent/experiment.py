@@ -27,6 +27,7 @@ from agent.executors.base import Executor, Launch, RunContext
 from agent.request import Request
 from agent.settings import Settings
 from agent.storage import archive, database, transfer
+from agent.storage.base import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ Status = Literal["completed", "failed", "timeout", "expired", "cancelled", "erro
 BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "SHELL", "TERM")
 BASE_ENV_PREFIXES = ("LC_",)
 PROXY_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-UPLOAD_TRIES = 3
 _PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 SKIP_FETCH = frozenset({"_metadata"})  # rewritten per run; never worth downloading
 
@@ -89,6 +89,9 @@ class ExperimentRun:
         )
         self._cancelled = threading.Event()
         self._fingerprints: dict[str, str] = {}
+        self.storage = StorageOptions(
+            s3_ca_bundle=settings.s3_ca_bundle, s3_verify=settings.s3_verify
+        )
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -143,7 +146,12 @@ class ExperimentRun:
                 continue
             left = max(budget - fetched, 1) if budget else 0
             fetched += transfer.fetch(
-                label, artifact, self.request.config, self.ctx.artifact_dir(label), left
+                label,
+                artifact,
+                self.request.config,
+                self.ctx.artifact_dir(label),
+                left,
+                self.storage,
             )
         for label in self.request.mutable_labels():
             self._fingerprints[label] = archive.tree_fingerprint(self.ctx.artifact_dir(label))
@@ -216,8 +224,14 @@ class ExperimentRun:
         return max(requested, self.settings.checkpoint_min_interval, 0.1)
 
     def checkpoint(self, final: bool = False) -> int:
-        """Upload each mutable artifact that has content and changed since its last upload."""
+        """Upload each mutable artifact that has content and changed since its last upload.
+
+        A checkpoint tries once and leaves failures to the next one; the final pass retries
+        within ``upload_budget`` and then raises, so the message goes back rather than being
+        acknowledged with results missing.
+        """
         sent = 0
+        deadline = time.monotonic() + self.settings.upload_budget
         labels = sorted(self.request.mutable_labels(), key=lambda lb: lb != "output")
         for label in labels:
             directory = self.ctx.artifact_dir(label)
@@ -225,27 +239,31 @@ class ExperimentRun:
             if not archive.has_content(directory) or self._fingerprints.get(label) == fingerprint:
                 continue
             try:
-                sent += self._upload(label)
-            except TransientError:
+                sent += self._upload(label, deadline if final else 0.0)
+            except AgentError as exc:
                 if final:
                     raise
-                log.warning("checkpoint of %s/%s failed; retrying later", self.request.key, label)
+                log.warning("checkpoint of %s/%s failed: %s", self.request.key, label, exc)
                 continue
             self._fingerprints[label] = fingerprint
         return sent
 
-    def _upload(self, label: str) -> int:
+    def _upload(self, label: str, deadline: float) -> int:
+        """Upload one artifact, retrying transient failures with backoff until ``deadline``."""
         artifact = self.request.experiment.artifacts[label]
-        for attempt in range(1, UPLOAD_TRIES + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return transfer.upload(
-                    label, artifact, self.request.config, self.ctx.artifact_dir(label)
+                    label, artifact, self.request.config, self.ctx.artifact_dir(label), self.storage
                 )
             except (OSError, TransientError) as exc:
-                if attempt == UPLOAD_TRIES:
+                delay = min(30.0, 0.5 * 2**attempt)
+                if time.monotonic() + delay > deadline:
                     raise TransientError(f"upload of {label} failed: {exc}") from exc
-                time.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")
+                log.warning("upload of %s/%s failed (%s); retrying", self.request.key, label, exc)
+                time.sleep(delay)
 
     def _finish(self, outcome: Outcome, upload: bool) -> Outcome:
         if upload and self.home.exists():

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -40,6 +47,8 @@ GO_ALIASES: dict[str, str] = {
     "max_mem": "MAX_MEM",
     "max_disk": "MAX_DISK",
     "cpu_only": "CPU_ONLY",
+    "amqp_url": "AMQP_URL",
+    "amqp_mgmt_url": "AMQP_MGT_URL",
 }
 SECRET_FIELDS: frozenset[str] = frozenset()
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):[^@/]*@", re.I)
@@ -104,6 +113,13 @@ class Settings(BaseSettings):
     poll_interval: Duration = Field(default=0.1, gt=0)
     checkpoint_interval: Duration = parse_duration("10m")
     checkpoint_min_interval: Duration = parse_duration("30s")
+    amqp_url: str = ""
+    amqp_mgmt_url: str = ""
+    amqp_ca_file: Path | None = None
+    amqp_refresh: Duration = parse_duration("30s")
+    s3_ca_bundle: Path | None = None
+    s3_verify: bool = True
+    upload_budget: Duration = parse_duration("10m")
     executor: Literal["venv"] = "venv"
     installer: Literal["auto", "uv", "pip"] = "auto"
     python_interpreters: list[Path] = Field(default_factory=list)
@@ -116,6 +132,14 @@ class Settings(BaseSettings):
     max_mem: Size = 0
     max_disk: Size = 0
     cpu_only: bool = False
+
+    @field_validator("amqp_url", "amqp_mgmt_url")
+    @classmethod
+    def _url_scheme(cls, value: str, info: ValidationInfo) -> str:
+        allowed = ("amqp://", "amqps://") if info.field_name == "amqp_url" else ("http", "https")
+        if value and not value.startswith(allowed):
+            raise ValueError(f"must start with {' or '.join(allowed)}")
+        return value
 
     @property
     def effective_work_dir(self) -> Path:
@@ -253,7 +277,8 @@ def _explain(exc: ValidationError, where: Mapping[tuple[str, ...], str]) -> str:
         key = ".".join(loc)
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         source = _source_of(loc, where)
-        shown = "" if error["type"] == "extra_forbidden" else f" (got {error.get('input')!r})"
+        value = mask_secrets(error.get("input"))  # a mistyped URL still carries its password
+        shown = "" if error["type"] == "extra_forbidden" else f" (got {value!r})"
         lines.append(f"{source}: {key}: {message}{shown}")
     return "\n".join(lines)
 

@@ -85,6 +85,8 @@ class Supervisor:
     def step(self) -> bool:
         """One pass of the loop; False once a drain has finished."""
         self._settle_finished()
+        for backend in self.backends:
+            backend.tick()
         if self._stop_requests:
             if not self._drain_step():
                 return False

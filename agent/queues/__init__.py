@@ -6,7 +6,10 @@ from typing import Any
 from agent.errors import ConfigError
 from agent.queues.base import QueueBackend
 
-_BACKENDS = {"local": "agent.queues.local:LocalQueue"}
+_BACKENDS = {
+    "local": "agent.queues.local:LocalQueue",
+    "rabbitmq": "agent.queues.rabbitmq:RabbitQueue",
+}
 
 
 def backend_class(kind: str) -> type[QueueBackend]:

@@ -64,6 +64,9 @@ class QueueBackend(ABC):
     def served_queues(self) -> list[str]:
         """The queue names this backend pulls from now."""
 
+    def tick(self) -> None:  # noqa: B027 - optional hook
+        """Housekeeping from the supervisor's loop: heartbeats, discovery, lease renewals."""
+
     def recover(self) -> int:
         """Put back messages a previous run of the agent took and never settled; return how many."""
         return 0

@@ -1,0 +1,328 @@
+"""RabbitMQ queues, as the StudioML client creates them.
+
+Delivery semantics:
+- Queues are found through the management API (``/api/bindings/<vhost>``): bindings from the
+  ``StudioML.topic`` exchange with a ``StudioML.<queue>`` routing key, filtered by the regexes,
+  ``*_response`` queues ignored; refreshed every ``refresh`` seconds and after any channel error.
+- One long-lived connection per broker with heartbeats, serviced from the supervisor's tick, so
+  every call (get, ack, publish) happens on the thread that owns the connection.
+- Pulling uses ``basic.get``: the agent takes a message only when it has a free slot, which is
+  prefetch matched exactly to free capacity.
+- Custody: a message taken is written to the agent's journal (fsync) and then acknowledged to
+  the broker. RabbitMQ closes a channel whose delivery stays unacknowledged past
+  ``consumer_timeout`` (30 min by default) and hands the message to someone else while the first
+  run goes on; a broker restart or a dropped connection does the same. Holding the message in the
+  journal instead makes an experiment of any length run exactly once, with nothing for operators
+  to configure. Returning a message publishes it back to its queue (with an attempt counter in
+  a header); an agent that was killed publishes back what it held when it starts again.
+- The queue is never declared by the agent (the client owns its flags); the exchange is declared
+  with exactly the client's flags only when the agent must publish through it.
+"""
+
+import json
+import logging
+import random
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from agent.queues.base import Delivery, QueueBackend, QueueFilter
+from agent.queues.journal import Entry, Journal
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "StudioML.topic"
+ROUTING_PREFIX = "StudioML."
+ATTEMPTS_HEADER = "x-studio-agent-attempts"
+BACKOFF_MAX = 60.0
+_CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+def management_url(amqp_url: str) -> str:
+    """The Go runner's rule: same host and credentials, port + 10000, https for amqps."""
+    parts = urllib.parse.urlsplit(amqp_url)
+    scheme = "https" if parts.scheme == "amqps" else "http"
+    port = (parts.port or (5671 if parts.scheme == "amqps" else 5672)) + 10000
+    userinfo = f"{parts.username or 'guest'}:{parts.password or 'guest'}@"
+    return f"{scheme}://{userinfo}{parts.hostname}:{port}"
+
+
+def redact_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class RabbitDelivery(Delivery):
+    backend = "rabbitmq"
+
+    def __init__(self, owner: "RabbitQueue", entry: Entry, count: int):
+        self._owner = owner
+        self.entry = entry
+        self.queue = entry.queue
+        self.message_id = entry.entry_id
+        self.body = entry.body
+        self.delivery_count = count
+
+    def ack(self) -> None:
+        self._owner.journal.drop(self.entry)
+
+    def requeue(self) -> None:
+        self._owner.publish_back(self.entry)
+
+
+class RabbitQueue(QueueBackend):
+    kind = "rabbitmq"
+
+    def __init__(
+        self,
+        name: str,
+        amqp_url: str,
+        queue_filter: QueueFilter,
+        state_dir: Path,
+        mgmt_url: str | None = None,
+        ca_file: Path | None = None,
+        refresh: float = 30.0,
+    ):
+        self.name = name
+        self.amqp_url = amqp_url
+        self.mgmt_url = mgmt_url or management_url(amqp_url)
+        self.filter = queue_filter
+        self.ca_file = ca_file
+        self.refresh = refresh
+        self.journal = Journal(state_dir / "inflight" / "rabbitmq" / name)
+        self.vhost = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).path[1:] or "%2f")
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+        self._queues: list[str] = []
+        self._next_refresh = 0.0
+        self._next = 0
+        self._retry_at = 0.0
+        self._failures = 0
+        self._ignored: set[str] = set()
+        self._returns: list[Entry] = []  # messages to publish back once the broker takes them
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _parameters(self) -> pika.URLParameters:
+        params = pika.URLParameters(self.amqp_url)
+        params.heartbeat = 30
+        params.blocked_connection_timeout = 60
+        params.connection_attempts = 1
+        params.socket_timeout = 10
+        if self.amqp_url.startswith("amqps://"):
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            host = urllib.parse.urlsplit(self.amqp_url).hostname
+            params.ssl_options = pika.SSLOptions(context, server_hostname=host)
+        return params
+
+    def _ensure_channel(self) -> Any:
+        """The open channel, connecting first if needed; None while backing off after a failure."""
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            if self._connection is None or not self._connection.is_open:
+                self._connection = pika.BlockingConnection(self._parameters())
+                log.info("%s: connected to %s", self.name, redact_url(self.amqp_url))
+                self._failures = 0
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+        except _CONNECTION_ERRORS as exc:
+            self._lost(f"cannot connect to {redact_url(self.amqp_url)}: {exc!r}")
+            return None
+        return self._channel
+
+    def _lost(self, why: str) -> None:
+        """Forget the connection and back off (capped exponential with full jitter)."""
+        self._failures += 1
+        delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
+        self._retry_at = time.monotonic() + delay
+        log.warning("%s: %s; retrying in %.1fs", self.name, why, delay)
+        self._channel = None
+        if self._connection is not None:
+            try:
+                if self._connection.is_open:
+                    self._connection.close()
+            except _CONNECTION_ERRORS:
+                pass
+        self._connection = None
+        self._next_refresh = 0.0
+
+    def tick(self) -> None:
+        """Service heartbeats and refresh the queue list; called from the supervisor's loop."""
+        if self._connection is not None and self._connection.is_open:
+            try:
+                self._connection.process_data_events(time_limit=0)
+            except _CONNECTION_ERRORS as exc:
+                self._lost(f"connection lost: {exc!r}")
+        if time.monotonic() >= self._next_refresh:
+            self._refresh_queues()
+        if self._returns and self._ensure_channel() is not None:
+            pending, self._returns = self._returns, []
+            for entry in pending:
+                self.publish_back(entry)
+
+    def close(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            try:
+                self._connection.close()
+            except _CONNECTION_ERRORS:
+                pass
+        self._connection = self._channel = None
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def _bindings(self) -> list[dict[str, Any]]:
+        parts = urllib.parse.urlsplit(self.mgmt_url)
+        netloc = f"{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+        url = f"{base}/api/bindings/{urllib.parse.quote(self.vhost, safe='')}"
+        request = urllib.request.Request(url)
+        token = b64encode(f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode())
+        request.add_header("Authorization", f"Basic {token.decode()}")
+        context = None
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            data = json.loads(response.read())
+        return data if isinstance(data, list) else []
+
+    def _refresh_queues(self) -> None:
+        self._next_refresh = time.monotonic() + self.refresh
+        try:
+            bindings = self._bindings()
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            log.warning("%s: management API %s: %r", self.name, redact_url(self.mgmt_url), exc)
+            self._next_refresh = time.monotonic() + min(self.refresh, 5.0)
+            return
+        names = sorted(
+            {
+                b["destination"]
+                for b in bindings
+                if b.get("source") == EXCHANGE
+                and b.get("destination_type") == "queue"
+                and str(b.get("routing_key", "")).startswith(ROUTING_PREFIX)
+            }
+        )
+        served = [n for n in names if self.filter.allows(n)]
+        for name in set(names) - set(served) - self._ignored:
+            log.info("%s: not serving %s: %s", self.name, name, self.filter.why_not(name))
+            self._ignored.add(name)
+        if served != self._queues:
+            log.info("%s: serving queues %s", self.name, ", ".join(served) or "(none)")
+        self._queues = served
+
+    def served_queues(self) -> list[str]:
+        return list(self._queues)
+
+    # -- taking and returning ------------------------------------------------------------------
+
+    def receive(self) -> Delivery | None:
+        if not self._queues:
+            return None
+        channel = self._ensure_channel()
+        if channel is None:
+            return None
+        for offset in range(len(self._queues)):
+            queue = self._queues[(self._next + offset) % len(self._queues)]
+            delivery = self._get(channel, queue)
+            if delivery is not None:
+                self._next = (self._next + offset + 1) % len(self._queues)
+                return delivery
+            if not channel.is_open:
+                return None
+        return None
+
+    def _get(self, channel: Any, queue: str) -> RabbitDelivery | None:
+        try:
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            log.info(
+                "%s: queue %s is gone (%s); refreshing the queue list",
+                self.name,
+                queue,
+                exc.reply_text,
+            )
+            self._channel = None
+            self._next_refresh = 0.0
+            return None
+        except _CONNECTION_ERRORS as exc:
+            self._lost(f"basic.get on {queue} failed: {exc!r}")
+            return None
+        if method is None:
+            return None
+        headers = dict(properties.headers or {})
+        attempts = int(headers.get(ATTEMPTS_HEADER, 0)) + 1 + (1 if method.redelivered else 0)
+        meta = {
+            "attempts": attempts,
+            "content_type": properties.content_type,
+            "app_id": properties.app_id,
+            "delivery_mode": properties.delivery_mode,
+            "headers": {
+                k: v for k, v in headers.items() if isinstance(v, str | int | float | bool)
+            },
+        }
+        # Custody first, then the broker's ack: from here on the journal holds the message.
+        entry = self.journal.keep(queue, body, meta)
+        try:
+            channel.basic_ack(method.delivery_tag)
+        except _CONNECTION_ERRORS as exc:
+            # The broker keeps its copy and will hand it out again: ours must not run.
+            self.journal.drop(entry)
+            self._lost(f"ack of a message from {queue} failed: {exc!r}")
+            return None
+        return RabbitDelivery(self, entry, attempts)
+
+    def publish_back(self, entry: Entry) -> bool:
+        """Return a message to its queue; while the broker cannot take it, it stays journaled
+        and is tried again from the tick."""
+        channel = self._ensure_channel()
+        if channel is None:
+            log.warning(
+                "%s: broker unreachable; message %s stays in the journal", self.name, entry.entry_id
+            )
+            self._returns.append(entry)
+            return False
+        meta = entry.meta
+        headers = dict(meta.get("headers") or {})
+        headers[ATTEMPTS_HEADER] = int(meta.get("attempts", 1))
+        properties = pika.BasicProperties(
+            content_type=meta.get("content_type") or "application/json",
+            app_id=meta.get("app_id") or "studioml",
+            delivery_mode=meta.get("delivery_mode"),
+            headers=headers,
+        )
+        try:
+            # The default exchange routes by queue name; mandatory + confirms tell us it arrived.
+            channel.basic_publish("", entry.queue, entry.body, properties, mandatory=True)
+        except pika.exceptions.UnroutableError:
+            log.error(
+                "%s: queue %s no longer exists; message %s kept in %s",
+                self.name,
+                entry.queue,
+                entry.entry_id,
+                self.journal.root / entry.queue,
+            )
+            return False
+        except _CONNECTION_ERRORS as exc:
+            self._lost(f"publishing back to {entry.queue} failed: {exc!r}")
+            self._returns.append(entry)
+            return False
+        self.journal.drop(entry)
+        return True
+
+    def recover(self) -> int:
+        """Publish back what a killed predecessor held; entries the broker refuses stay."""
+        return sum(1 for entry in list(self.journal.entries()) if self.publish_back(entry))

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from agent.queues.journal import Journal
+from agent.queues.rabbitmq import management_url, redact_url
+
+
+def test_kept_messages_survive_a_new_journal(tmp_path: Path) -> None:
+    first = Journal(tmp_path)
+    kept = first.keep("rmq_a", b'{"experiment": {}}', {"attempts": 2})
+    first.keep("rmq_b", b"other", {})
+    again = {(e.queue, e.body, e.meta.get("attempts")) for e in Journal(tmp_path).entries()}
+    assert again == {("rmq_a", b'{"experiment": {}}', 2), ("rmq_b", b"other", None)}
+    first.drop(kept)
+    assert [e.queue for e in Journal(tmp_path).entries()] == ["rmq_b"]
+
+
+def test_an_interrupted_write_is_not_an_entry(tmp_path: Path) -> None:
+    folder = tmp_path / "rmq_a"
+    folder.mkdir()
+    (folder / "abc.json").write_text("{}")  # meta written, body never was
+    (folder / ".abc.tmp123").write_bytes(b"partial")
+    assert list(Journal(tmp_path).entries()) == []
+
+
+def test_management_url_follows_the_go_runner() -> None:
+    assert management_url("amqp://u:p@broker:5672/%2f") == "http://u:p@broker:15672"
+    assert management_url("amqps://u:p@broker/vh") == "https://u:p@broker:15671"
+    assert management_url("amqp://broker") == "http://guest:guest@broker:15672"
+
+
+def test_redact_url_hides_the_password() -> None:
+    assert redact_url("amqp://user:s3cret@host:5672/%2f") == "amqp://user:***@host:5672/%2f"
+    assert redact_url("amqp://host/") == "amqp://host/"
