@@ -14,3 +14,5 @@ def setup_logging(level: str) -> None:
         else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    # pika narrates every socket event at INFO; its warnings and errors are what matter.
+    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))

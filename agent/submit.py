@@ -115,8 +115,8 @@ def build_message(sub: Submission, workspace_key: str) -> dict[str, Any]:
     return {"experiment": experiment, "config": config}
 
 
-def submit(sub: Submission) -> Request:
-    """Upload the workspace, write the experiment record, enqueue the message."""
+def prepare(sub: Submission) -> dict[str, Any]:
+    """Upload the workspace and write the experiment record; return the message to send."""
     if not (sub.workspace / sub.script).is_file() and sub.script != "-m":
         raise FileNotFoundError(f"{sub.workspace / sub.script}: no such script")
     sub.key = sub.key or f"{int(time.time())}_{uuid.uuid4()}"
@@ -127,6 +127,12 @@ def submit(sub: Submission) -> Request:
     meta.write(f"experiments/{sub.key}", lambda out: out.write(record))
     added = json.dumps(message["experiment"]["time_added"]).encode()
     meta.write(f"users/guest/experiments/{sub.key}", lambda out: out.write(added))
+    return message
+
+
+def submit(sub: Submission) -> Request:
+    """Prepare the experiment and enqueue it in the local queue ``sub.queue``."""
+    message = prepare(sub)
     enqueue(sub.queue_root, sub.queue, json.dumps(message).encode())
     return Request.model_validate(message)
 

@@ -144,6 +144,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[[Layout], AgentProcess]]:
             agent.proc.kill()
         agent.proc.wait()
         agent._log.close()
+        print(f"--- {agent.log_path.name} ---\n{agent.log()}")  # shown when the test failed
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 60, what: str = "") -> None:

@@ -110,7 +110,8 @@ class RabbitQueue(QueueBackend):
         self._retry_at = 0.0
         self._failures = 0
         self._ignored: set[str] = set()
-        self._returns: list[Entry] = []  # messages to publish back once the broker takes them
+        self._returns: list[Entry] = []
+        self._mgmt_down = False  # messages to publish back once the broker takes them
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -204,9 +205,13 @@ class RabbitQueue(QueueBackend):
         try:
             bindings = self._bindings()
         except (OSError, ValueError, urllib.error.URLError) as exc:
-            log.warning("%s: management API %s: %r", self.name, redact_url(self.mgmt_url), exc)
+            # Once per outage: the refresh is retried every few seconds until it answers.
+            level = logging.DEBUG if self._mgmt_down else logging.WARNING
+            log.log(level, "%s: management API %s: %r", self.name, redact_url(self.mgmt_url), exc)
+            self._mgmt_down = True
             self._next_refresh = time.monotonic() + min(self.refresh, 5.0)
             return
+        self._mgmt_down = False
         names = sorted(
             {
                 b["destination"]

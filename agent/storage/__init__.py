@@ -24,7 +24,8 @@ def resolve(
     For ``type: local`` the 0.0.49 client writes ``qualified`` with a slash missing
     (``file://tmp/...``), so the location comes from ``config.storage`` and the artifact key,
     never from ``qualified``. A well-formed ``file:///abs/path`` qualified URL (the demo form)
-    also works without a storage config.
+    also works without a storage config. S3 artifacts (``type: s3`` or an ``s3://`` qualified
+    URL) go to agent.storage.s3, imported only then: boto3 costs ~120 ms to import.
     """
     store = config.storage
     if store and store.type == "local" and artifact.key:
@@ -32,6 +33,10 @@ def resolve(
     qualified = artifact.qualified or ""
     if qualified.startswith("file:///"):
         return LocalStorage(Path("/")), qualified.removeprefix("file://")
+    if qualified.startswith("s3://") or (store and store.type == "s3"):
+        from agent.storage.s3 import resolve_s3
+
+        return resolve_s3(label, artifact, config, options)
     kind = store.type if store else None
     raise BadRequest(
         f"artifact {label!r}: storage type {kind!r} ({qualified or 'no qualified URL'}) "
