@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     s3_ca_bundle: Path | None = None
     s3_verify: bool = True
     upload_budget: Duration = parse_duration("10m")
+    retry_backoff: Duration = parse_duration("10s")
     executor: Literal["venv"] = "venv"
     installer: Literal["auto", "uv", "pip"] = "auto"
     python_interpreters: list[Path] = Field(default_factory=list)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
+    backend: QueueBackend
     delivery: Delivery
     run: ExperimentRun
     thread: threading.Thread | None = None
@@ -91,9 +92,9 @@ class Supervisor:
             if not self._drain_step():
                 return False
         elif len(self.jobs) < self.settings.max_concurrent:
-            delivery = self._receive()
-            if delivery is not None:
-                self._start(delivery)
+            taken = self._receive()
+            if taken is not None:
+                self._start(*taken)
                 return True
         self._sleep(self.settings.poll_interval)
         return True
@@ -153,16 +154,16 @@ class Supervisor:
 
     # -- taking work ---------------------------------------------------------------------------
 
-    def _receive(self) -> Delivery | None:
+    def _receive(self) -> tuple[QueueBackend, Delivery] | None:
         for offset in range(len(self.backends)):
             index = (self._next_backend + offset) % len(self.backends)
             delivery = self.backends[index].receive()
             if delivery is not None:
                 self._next_backend = index + 1
-                return delivery
+                return self.backends[index], delivery
         return None
 
-    def _start(self, delivery: Delivery) -> None:
+    def _start(self, backend: QueueBackend, delivery: Delivery) -> None:
         where = f"{delivery.backend}:{delivery.queue}/{delivery.message_id}"
         try:
             request = parse_request(delivery.body)
@@ -175,7 +176,7 @@ class Supervisor:
             self._set_aside(delivery, "rejected", reason)
             return
         run = ExperimentRun(request, self.settings, self.executor)
-        job = Job(delivery, run)
+        job = Job(backend, delivery, run)
         job.thread = threading.Thread(
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
         )
@@ -208,13 +209,23 @@ class Supervisor:
             self.jobs.pop(id(job), None)
             if job.thread is not None:
                 job.thread.join()
-            self._settle(job.delivery, outcome)
+            self._settle(job, outcome)
 
-    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+    def _settle(self, job: Job, outcome: Outcome) -> None:
+        delivery = job.delivery
         took = outcome.finished - outcome.started
         log.info("experiment %s %s in %.1fs: %s", outcome.key, outcome.status, took, outcome.detail)
         if outcome.transient:
             delivery.requeue()
+            if not self._stop_requests:
+                # The same trouble (storage down, disk full) would hit the next try at once.
+                backoff = min(
+                    self.settings.retry_backoff * 2 ** (delivery.delivery_count - 1), 600.0
+                )
+                job.backend.pause(delivery.queue, backoff)
+                log.info(
+                    "queue %s paused for %.0fs after a failed attempt", delivery.queue, backoff
+                )
         elif outcome.status == "expired":
             self._set_aside(delivery, "expired", outcome.detail)
         else:

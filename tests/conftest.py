@@ -153,3 +153,21 @@ def wait_until(predicate: Callable[[], object], timeout: float = 60, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def client_venv() -> Path:
+    venv = Path(os.environ.get("STUDIOML_CLIENT", ROOT / ".cache" / "studioml-client"))
+    if not (venv / "bin" / "studio-run").exists():
+        pytest.fail(
+            f"the studioml 0.0.49 client is not installed in {venv}: run `make studioml-client`"
+        )
+    return venv
+
+
+def client_env(venv: Path, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env.update(
+        PATH=f"{venv / 'bin'}:{env['PATH']}", STUDIOML_HOME=str(home), STUDIOML_DUMMY_MODE="1"
+    )
+    return env

@@ -6,6 +6,7 @@ message must go back for another agent (requeue).
 """
 
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -55,6 +56,17 @@ class Delivery(ABC):
 
 class QueueBackend(ABC):
     kind: str
+    _paused: dict[str, float]
+
+    def pause(self, queue: str, seconds: float) -> None:
+        """Take nothing from ``queue`` for ``seconds`` (after a failure, or no capacity)."""
+        if not hasattr(self, "_paused"):
+            self._paused = {}
+        self._paused[queue] = time.monotonic() + seconds
+
+    def paused(self, queue: str) -> bool:
+        until = getattr(self, "_paused", {}).get(queue)
+        return until is not None and time.monotonic() < until
 
     @abstractmethod
     def receive(self) -> Delivery | None:

@@ -149,7 +149,7 @@ class LocalQueue(QueueBackend):
         queues = self.served_queues()
         for offset in range(len(queues)):
             queue = queues[(self._next + offset) % len(queues)]
-            if not _messages(self.root / queue):
+            if self.paused(queue) or not _messages(self.root / queue):
                 continue
             delivery = self._take_oldest(queue)
             if delivery:

@@ -242,6 +242,8 @@ class RabbitQueue(QueueBackend):
             return None
         for offset in range(len(self._queues)):
             queue = self._queues[(self._next + offset) % len(self._queues)]
+            if self.paused(queue):
+                continue
             delivery = self._get(channel, queue)
             if delivery is not None:
                 self._next = (self._next + offset + 1) % len(self._queues)

@@ -1,7 +1,6 @@
 """The real studioml 0.0.49 client submits; the agent serves; the client reads the results back."""
 
 import json
-import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import yaml
 
 from agent.request import parse_request
-from tests.conftest import ROOT, AgentProcess, Layout, wait_until
+from tests.conftest import AgentProcess, Layout, client_env, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.studioml]
 
@@ -32,24 +31,6 @@ model_dir = os.path.join(home, "experiments", key, "modeldir")  # fs_tracker's l
 open(os.path.join(model_dir, "weights.txt"), "w").write("w=42")
 print("done")
 """
-
-
-@pytest.fixture(scope="session")
-def client_venv() -> Path:
-    venv = Path(os.environ.get("STUDIOML_CLIENT", ROOT / ".cache" / "studioml-client"))
-    if not (venv / "bin" / "studio-run").exists():
-        pytest.fail(
-            f"the studioml 0.0.49 client is not installed in {venv}: run `make studioml-client`"
-        )
-    return venv
-
-
-def client_env(venv: Path, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    env.update(
-        PATH=f"{venv / 'bin'}:{env['PATH']}", STUDIOML_HOME=str(home), STUDIOML_DUMMY_MODE="1"
-    )
-    return env
 
 
 def test_client_submission_served_and_read_back(
