@@ -1,4 +1,4 @@
-"""``studio-agent``: run | check-config | submit | version.
+"""``studio-agent``: run | check-config | submit | metadata | version.
 
 Exit codes follow sysexits: 0 clean stop, 2 bad usage, 64 submit input error, 70 unexpected
 crash, 75 a submitted experiment did not finish in time, 78 configuration error (systemd's unit
@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("file", nargs="?", type=Path)
     commands.add_parser("version", help="print the version")
+    metadata = commands.add_parser("metadata", help="summarize scrape-*.json documents")
+    metadata.add_argument("files", nargs="+", type=Path, help="scrape documents or folders of them")
+    metadata.add_argument("--project")
+    metadata.add_argument("--status", help="e.g. completed, failed, running")
+    metadata.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     _submit_parser(commands.add_parser("submit", parents=[common], help="enqueue a directory"))
     return parser
 
@@ -70,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_OK
         if options.command == "check-config":
             return check_config(options.file)
+        if options.command == "metadata":
+            return metadata_command(options)
         settings = load_settings(options.config)
         if options.command == "submit":
             return submit_command(settings, options)
@@ -172,3 +179,20 @@ def _print_results(folder: Path) -> None:
             if member is not None:
                 print("--- output ---")
                 print(member.read().decode(errors="replace"), end="")
+
+
+def metadata_command(options: argparse.Namespace) -> int:
+    import json
+
+    from agent.metadata_report import load_documents, render_table, summarize
+
+    paths: list[Path] = []
+    for given in options.files:
+        paths += sorted(given.rglob("scrape-*.json")) if given.is_dir() else [given]
+    rows = summarize(load_documents(paths), project=options.project, status=options.status)
+    if options.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+    else:
+        print(render_table(rows), end="")
+    return EX_OK

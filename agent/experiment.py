@@ -24,6 +24,7 @@ from typing import Literal
 from agent import process
 from agent.errors import AgentError, PermanentError, TransientError
 from agent.executors.base import Executor, Launch, RunContext
+from agent.recorder import RunRecorder
 from agent.request import Request
 from agent.settings import Settings
 from agent.storage import archive, database, transfer
@@ -38,7 +39,8 @@ BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "SHELL"
 BASE_ENV_PREFIXES = ("LC_",)
 PROXY_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 _PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
-SKIP_FETCH = frozenset({"_metadata"})  # rewritten per run; never worth downloading
+# Not an input: the container image reference is the executor's business.
+SKIP_FETCH = frozenset({"_singularity"})
 
 
 @dataclass
@@ -78,8 +80,9 @@ def expand_percent(value: str, env: Mapping[str, str]) -> str:
 class ExperimentRun:
     """Runs one request; ``cancel`` (from another thread) stops it and keeps what it produced."""
 
-    def __init__(self, request: Request, settings: Settings, executor: Executor):
+    def __init__(self, request: Request, settings: Settings, executor: Executor, queue: str = ""):
         self.request = request
+        self.queue = queue  # only to label the run's metadata; the run knows no queue
         self.settings = settings
         self.executor = executor
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -89,6 +92,8 @@ class ExperimentRun:
         )
         self._cancelled = threading.Event()
         self._fingerprints: dict[str, str] = {}
+        self.recorder: RunRecorder | None = None
+        self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
         self.storage = StorageOptions(
             s3_ca_bundle=settings.s3_ca_bundle, s3_verify=settings.s3_verify
         )
@@ -108,7 +113,9 @@ class ExperimentRun:
         try:
             self._layout()
             self._fetch_inputs()
+            self._start_recording()
             launch = self._prepare()
+            self._record(f"environment ready: {launch.argv[0]}")
             if self._cancelled.is_set():
                 launch.release()
                 raise TransientError("stopped by the agent's shutdown before it started")
@@ -119,9 +126,11 @@ class ExperimentRun:
         except (TransientError, OSError) as exc:
             # Disk full, permissions, storage down: not the experiment's fault; another try.
             outcome.status, outcome.detail, outcome.transient = "error", str(exc), True
+            self._record(f"infrastructure error, the message goes back: {exc}")
         except PermanentError as exc:
             outcome.status, outcome.detail = "failed", str(exc)
             self._note(f"experiment failed before it ran: {exc}")
+            self._record(f"failed before it ran: {exc}")
         return self._finish(outcome, upload=True)
 
     def _layout(self) -> None:
@@ -136,13 +145,12 @@ class ExperimentRun:
         mapping.write_text(
             json.dumps({lb: str(self.ctx.artifact_dir(lb)) for lb in sorted(labels)})
         )
-        self._note(f"experiment {self.request.key} on {socket.gethostname()} (run {self.run_id})")
 
     def _fetch_inputs(self) -> None:
         budget = self.request.experiment.resources_needed.size("hdd")
-        fetched = 0
+        fetched, began = 0, time.monotonic()
         for label, artifact in self.request.experiment.artifacts.items():
-            if label in SKIP_FETCH or (label == "_singularity"):
+            if label in SKIP_FETCH:
                 continue
             left = max(budget - fetched, 1) if budget else 0
             fetched += transfer.fetch(
@@ -155,6 +163,26 @@ class ExperimentRun:
             )
         for label in self.request.mutable_labels():
             self._fingerprints[label] = archive.tree_fingerprint(self.ctx.artifact_dir(label))
+        self._note(f"experiment {self.request.key} on {socket.gethostname()} (run {self.run_id})")
+        self._fetched = (fetched, time.monotonic() - began)
+
+    def _start_recording(self) -> None:
+        """The run's ``_metadata`` files, when the request has that artifact."""
+        if "_metadata" not in self.request.experiment.artifacts:
+            return
+        self.recorder = RunRecorder(
+            self.request,
+            self.ctx.artifact_dir("_metadata"),
+            self.ctx.output_file,
+            self.queue,
+            self.settings.metadata_max_bytes,
+        )
+        fetched, seconds = self._fetched
+        self._record(f"artifacts fetched: {fetched} bytes in {seconds:.2f}s")
+
+    def _record(self, text: str) -> None:
+        if self.recorder is not None:
+            self.recorder.note(text)
 
     def _prepare(self) -> Launch:
         return self.executor.prepare(self.ctx, clean_env(self.settings, self.home / "tmp"))
@@ -184,6 +212,7 @@ class ExperimentRun:
         log.info(
             "experiment %s started as pid %d: %s", self.request.key, proc.pid, launch.argv[1:2]
         )
+        self._record(f"started as pid {proc.pid}, time limit {limit:.0f}s")
         status, code = self._watch(proc, time.monotonic() + limit)
         # Whatever the experiment left running in the background dies with it.
         process.kill_tree(proc.pid, self.settings.kill_grace, proc)
@@ -195,6 +224,7 @@ class ExperimentRun:
             "timeout": f"killed after its time limit of {limit:.0f}s",
             "cancelled": "stopped by the agent's shutdown; the message goes back to its queue",
         }[status]
+        self._record(f"stopped: {status}, {outcome.detail}")
         if status != "completed":
             self._note(outcome.detail)
 
@@ -231,6 +261,8 @@ class ExperimentRun:
         acknowledged with results missing.
         """
         sent = 0
+        if self.recorder is not None and not final:
+            self.recorder.update("running")
         deadline = time.monotonic() + self.settings.upload_budget
         labels = sorted(self.request.mutable_labels(), key=lambda lb: lb != "output")
         for label in labels:
@@ -255,6 +287,15 @@ class ExperimentRun:
         while True:
             attempt += 1
             try:
+                if label == "_metadata" and self.settings.metadata_layout == "go":
+                    return transfer.upload_each(
+                        label,
+                        artifact,
+                        self.request.config,
+                        self.ctx.artifact_dir(label),
+                        "metadata/",
+                        self.storage,
+                    )
                 return transfer.upload(
                     label, artifact, self.request.config, self.ctx.artifact_dir(label), self.storage
                 )
@@ -266,6 +307,10 @@ class ExperimentRun:
                 time.sleep(delay)
 
     def _finish(self, outcome: Outcome, upload: bool) -> Outcome:
+        if self.recorder is not None:
+            self.recorder.runner["outcome"] = outcome.status
+            status = "completed" if outcome.status == "completed" else "failed"
+            self.recorder.update(status, outcome.exit_code, final=True)
         if upload and self.home.exists():
             try:
                 outcome.uploaded_bytes = self.checkpoint(final=True)

@@ -27,11 +27,8 @@ log = logging.getLogger(__name__)
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _READ_SIZE = 1 << 16
-_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
-_BAD_ESCAPE = re.compile(r"~(?![01])")
 _JSON_ENDS = {(b"{", b"}"), (b"[", b"]")}
 _AGENT_SECTIONS = ("runner", "studioml", "asset")
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
 _COUNTERS = (
     *("lines", "json_lines", "merged", "patched", "malformed", "refused", "skipped_long"),
     *("size", "max_bytes", "truncated", "truncated_at_line"),

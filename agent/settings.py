@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     s3_verify: bool = True
     upload_budget: Duration = parse_duration("10m")
     retry_backoff: Duration = parse_duration("10s")
+    metadata_layout: Literal["artifact", "go"] = "artifact"
+    metadata_max_bytes: Size = parse_size("1MiB")
     executor: Literal["venv"] = "venv"
     installer: Literal["auto", "uv", "pip"] = "auto"
     python_interpreters: list[Path] = Field(default_factory=list)

@@ -175,7 +175,7 @@ class Supervisor:
             reason = f"handed out {delivery.delivery_count} times (max_attempts {limit})"
             self._set_aside(delivery, "rejected", reason)
             return
-        run = ExperimentRun(request, self.settings, self.executor)
+        run = ExperimentRun(request, self.settings, self.executor, delivery.queue)
         job = Job(backend, delivery, run)
         job.thread = threading.Thread(
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True

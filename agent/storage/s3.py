@@ -290,14 +290,19 @@ class _Pipe:
         except BaseException as exc:  # handed to the reader, which raises it
             self._error = exc
 
-    def read(self, size: int) -> bytes:
-        """Exactly ``size`` bytes, fewer only at the end of a successful production."""
-        data = self._source.read(size)  # buffered: reads into one buffer until size or EOF
-        if len(data) < size:
+    def read(self, size: int) -> bytearray:
+        """Exactly ``size`` bytes, fewer only at the end of a successful production.
+
+        A bytearray, not bytes: read into in place, and sent by botocore without a copy.
+        """
+        buf = bytearray(size)
+        got = self._source.readinto(buf)  # buffered: reads until the buffer is full or EOF
+        if got < size:
             self._thread.join()
             if self._error is not None:
                 raise self._error
-        return data
+            del buf[got:]
+        return buf
 
     def close(self) -> None:
         # Closing the read end makes a producer still writing fail with EPIPE, so it stops.
@@ -327,7 +332,10 @@ class S3Storage(Storage):
         return f"S3Storage({self.location.endpoint}/{self.bucket}, {self.location.region})"
 
     def _client(self) -> "S3Client":
-        return client_for(self.location, self.credentials, self._options)
+        try:
+            return client_for(self.location, self.credentials, self._options)
+        except (BotoCoreError, ValueError) as exc:  # botocore refuses a malformed endpoint
+            raise BadRequest(f"S3 endpoint {self.location.endpoint}: {exc}") from exc
 
     def describe(self, key: str) -> str:
         return f"{self.location.endpoint}/{self.bucket}/{key}"
@@ -338,10 +346,7 @@ class S3Storage(Storage):
     @contextlib.contextmanager
     def _open(self, key: str) -> Iterator[BinaryIO]:
         what = self._what("download", key)
-        try:
-            body = self._client().get_object(Bucket=self.bucket, Key=key)["Body"]
-        except (BotoCoreError, ClientError, *_NETWORK) as exc:
-            raise translate(exc, what) from exc
+        body = self._call(what, self._client().get_object, Bucket=self.bucket, Key=key)["Body"]
         try:
             yield cast(BinaryIO, _Body(body, what))  # read() is all tarfile and copyfileobj use
         finally:
@@ -352,23 +357,26 @@ class S3Storage(Storage):
 
     def exists(self, key: str) -> bool:
         try:
-            self._client().head_object(Bucket=self.bucket, Key=key)
-        except (BotoCoreError, ClientError, *_NETWORK) as exc:
-            error = translate(exc, self._what("lookup", key))
-            if isinstance(error, ArtifactMissing):
-                return False
-            raise error from exc
+            self._call(
+                self._what("lookup", key), self._client().head_object, Bucket=self.bucket, Key=key
+            )
+        except ArtifactMissing:
+            return False
         return True
 
     def write(self, key: str, produce: Producer) -> int:
         what = self._what("upload", key)
         pipe = _Pipe(produce)
         try:
-            first = pipe.read(part_size(1, self._options.s3_part_size))
-            if len(first) < part_size(1, self._options.s3_part_size):
-                self._call(what, self._client().put_object, Bucket=self.bucket, Key=key, Body=first)
-                return len(first)
-            return self._multipart(key, what, pipe, first)
+            size = part_size(1, self._options.s3_part_size)
+            # In a list that _send_parts empties, so that each part is freed once it is sent.
+            head = [pipe.read(size)]
+            if len(head[0]) < size:
+                self._call(
+                    what, self._client().put_object, Bucket=self.bucket, Key=key, Body=head[0]
+                )
+                return len(head[0])
+            return self._multipart(key, what, pipe, head)
         finally:
             pipe.close()
 
@@ -378,7 +386,7 @@ class S3Storage(Storage):
         except (BotoCoreError, ClientError, *_NETWORK) as exc:
             raise translate(exc, what) from exc
 
-    def _multipart(self, key: str, what: str, pipe: _Pipe, first: bytes) -> int:
+    def _multipart(self, key: str, what: str, pipe: _Pipe, first: list[bytearray]) -> int:
         client = self._client()
         created = self._call(what, client.create_multipart_upload, Bucket=self.bucket, Key=key)
         upload = {"Bucket": self.bucket, "Key": key, "UploadId": created["UploadId"]}
@@ -393,11 +401,16 @@ class S3Storage(Storage):
         return total
 
     def _send_parts(
-        self, client: "S3Client", what: str, upload: dict[str, str], pipe: _Pipe, chunk: bytes
+        self,
+        client: "S3Client",
+        what: str,
+        upload: dict[str, str],
+        pipe: _Pipe,
+        first: list[bytearray],
     ) -> tuple[list["CompletedPartTypeDef"], int]:
         parts: list[CompletedPartTypeDef] = []
         pending: deque[Future[CompletedPartTypeDef]] = deque()
-        number, total = 1, 0
+        number, total, chunk = 1, 0, first.pop()
         with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="s3-part") as pool:
             try:
                 while chunk:
@@ -415,7 +428,7 @@ class S3Storage(Storage):
         return parts, total
 
     def _part(
-        self, client: "S3Client", what: str, upload: dict[str, str], number: int, data: bytes
+        self, client: "S3Client", what: str, upload: dict[str, str], number: int, data: bytearray
     ) -> "CompletedPartTypeDef":
         result = self._call(what, client.upload_part, **upload, PartNumber=number, Body=data)
         return {"ETag": result["ETag"], "PartNumber": number}

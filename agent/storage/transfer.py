@@ -61,3 +61,21 @@ def upload(
             src, out, compression=compression, single_member_name=single
         ),
     )
+
+
+def upload_each(
+    label: str,
+    artifact: Artifact,
+    config: StudioConfig,
+    src: Path,
+    prefix: str,
+    options: StorageOptions | None = None,
+) -> int:
+    """Upload every file of ``src`` as its own object ``<prefix><name>`` at the root of the
+    artifact's store (the Go runner's ``metadata/`` layout); return the bytes stored."""
+    store, _ = resolve(label, artifact, config, options)
+    sent = 0
+    for path in sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")):
+        with path.open("rb") as source:
+            sent += store.write(f"{prefix}{path.name}", lambda out: shutil.copyfileobj(source, out))
+    return sent

@@ -1,6 +1,5 @@
 """The agent with S3 storage: an outage during the final upload, and a message that always fails."""
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -8,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.queues.local import enqueue
-from tests.conftest import AgentProcess, Layout, wait_until, write_workspace
+from tests.conftest import AgentProcess, Layout, wait_until
+from tests.s3_requests import s3_message
 from tests.services.s3 import S3Server, s3_server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
@@ -22,46 +22,6 @@ while not os.path.exists(sys.argv[1]):
     time.sleep(0.05)
 print("released")
 """
-
-
-def s3_message(s3: S3Server, key: str, script: str, args: list[str], tmp_path: Path) -> bytes:
-    """A 0.0.49-style request whose artifacts live in the S3 server, workspace uploaded."""
-    bucket = s3.make_bucket("agent-tests")
-    workspace = write_workspace(tmp_path / f"ws-{key}", script)
-    host = s3.endpoint.removeprefix("http://")
-    aws = {"access_key": s3.access_key, "secret_access_key": s3.secret_key, "region": s3.region}
-    s3.client().put_object(Bucket=bucket, Key=f"blobstore/{key}.tar", Body=_tar_of(workspace))
-    artifacts = {
-        "workspace": {"key": f"blobstore/{key}.tar", "mutable": False},
-        "output": {"key": f"experiments/{key}/output.tar", "mutable": True},
-        "modeldir": {"key": f"experiments/{key}/modeldir.tar", "mutable": True},
-    }
-    for art in artifacts.values():
-        art.update(bucket=bucket, qualified=f"s3://{host}/{bucket}/{art['key']}", unpack=True)
-        art["credentials"] = {"aws": aws}
-    storage = {"type": "s3", "endpoint": s3.endpoint, "bucket": bucket}
-    message = {
-        "experiment": {
-            "key": key,
-            "filename": "train.py",
-            "args": args,
-            "pythonver": "3",
-            "time_added": time.time(),
-            "artifacts": artifacts,
-        },
-        "config": {"storage": storage, "database": storage, "env": {}},
-    }
-    return json.dumps(message).encode()
-
-
-def _tar_of(folder: Path) -> bytes:
-    import io
-
-    from agent.storage.archive import pack_directory
-
-    buffer = io.BytesIO()
-    pack_directory(folder, buffer)
-    return buffer.getvalue()
 
 
 def output_in_bucket(s3: S3Server, key: str) -> str | None:
