@@ -36,6 +36,10 @@ class UnsafeArchive(PermanentError):
     """A tar member would escape its directory or is of a forbidden type."""
 
 
+class StorageDenied(PermanentError):
+    """The store refused the credentials, or the bucket does not exist: retrying cannot help."""
+
+
 class ArtifactMissing(PermanentError):
     """An immutable (input) artifact does not exist in storage."""
 

@@ -70,14 +70,15 @@ def signal_tree(leader: int, sig: signal.Signals) -> int:
 
 
 def kill_tree(leader: int, grace: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """SIGTERM the tree, wait up to ``grace`` seconds, then SIGKILL whatever is left."""
+    """SIGTERM the tree, wait up to ``grace`` seconds, then SIGKILL whatever is left.
+
+    ``proc``, the leader's Popen when it is our child, is reaped before returning.
+    """
     if signal_tree(leader, signal.SIGTERM):
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and tree(leader):
             if proc is not None:
                 proc.poll()  # reap the leader, or it stays a zombie in the table
-            if not tree(leader):
-                return
             time.sleep(0.05)
     signal_tree(leader, signal.SIGKILL)
     if proc is not None:

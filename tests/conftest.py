@@ -16,6 +16,10 @@ from agent.request import Request
 from agent.settings import Settings, load_settings
 from agent.submit import Submission, submit
 
+# The real services, one of each per test session, shared by every module that asks for them.
+from tests.services.rabbitmq import rabbitmq  # noqa: F401
+from tests.services.s3 import s3_server  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -16,7 +16,7 @@ class StorageOptions:
 
     s3_ca_bundle: Path | None = None  # PEM bundle for TLS endpoints with a private CA
     s3_verify: bool = True
-    s3_retries: int = 5  # botocore attempts per request, standard retry mode
+    s3_retries: int = 5  # botocore retries after the first try, standard retry mode
     s3_part_size: int = 16 * 2**20  # multipart chunk; memory per upload is about 2 parts
 
 

@@ -29,7 +29,14 @@ from botocore.exceptions import IncompleteReadError as BotoIncompleteRead
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from agent import __version__
-from agent.errors import AgentError, ArtifactMissing, BadRequest, PermanentError, StorageUnavailable
+from agent.errors import (
+    AgentError,
+    ArtifactMissing,
+    BadRequest,
+    PermanentError,
+    StorageDenied,
+    StorageUnavailable,
+)
 from agent.request import Artifact, StudioConfig
 from agent.storage.base import Producer, Storage, StorageOptions
 
@@ -53,10 +60,6 @@ _RETRYABLE = frozenset(
     {"RequestTimeout", "RequestTimeTooSkewed", "OperationAborted", "NoSuchUpload", "Throttling"}
 )
 _NETWORK = (BotoConnectionError, HTTPClientError, BotoIncompleteRead, Urllib3Error, OSError)
-
-
-class StorageDenied(PermanentError):
-    """The store refused the credentials, or the bucket does not exist: retrying cannot help."""
 
 
 @dataclass(frozen=True)

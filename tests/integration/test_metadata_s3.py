@@ -16,7 +16,7 @@ from agent.metadata_report import render_table, summarize
 from agent.request import parse_request
 from tests.conftest import Layout
 from tests.s3_requests import s3_message
-from tests.services.s3 import S3Server, s3_server  # noqa: F401
+from tests.services.s3 import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 
@@ -52,7 +52,7 @@ def metadata_files(s3: S3Server, key: str) -> dict[str, bytes]:
 
 
 def test_one_run_writes_the_documented_files(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     layout: Callable[..., Layout],
     tmp_path: Path,
 ) -> None:
@@ -117,7 +117,7 @@ def test_one_run_writes_the_documented_files(
 
 
 def test_two_runs_keep_two_sets(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     layout: Callable[..., Layout],
     tmp_path: Path,
 ) -> None:
@@ -134,7 +134,7 @@ def test_two_runs_keep_two_sets(
 
 
 def test_go_layout_uploads_each_file_under_metadata(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     layout: Callable[..., Layout],
     tmp_path: Path,
 ) -> None:

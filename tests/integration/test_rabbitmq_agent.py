@@ -11,7 +11,7 @@ import pytest
 from agent.request import Request
 from agent.submit import Submission, prepare
 from tests.conftest import AgentProcess, Layout, wait_until, write_workspace
-from tests.services.rabbitmq import RabbitBroker, rabbitmq  # noqa: F401
+from tests.services.rabbitmq import RabbitBroker
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -106,7 +106,7 @@ def rmq_layout(
 
 
 def test_serves_a_queue_found_through_the_management_api(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,
@@ -128,7 +128,7 @@ def test_serves_a_queue_found_through_the_management_api(
 
 
 def test_an_experiment_longer_than_consumer_timeout_runs_once(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,
@@ -149,7 +149,7 @@ def test_an_experiment_longer_than_consumer_timeout_runs_once(
 
 
 def test_broker_restart_while_an_experiment_runs(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,
@@ -171,7 +171,7 @@ def test_broker_restart_while_an_experiment_runs(
 
 
 def test_drain_returns_the_message_to_the_broker(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,
@@ -189,7 +189,7 @@ def test_drain_returns_the_message_to_the_broker(
 
 
 def test_kill_9_then_restart_publishes_the_message_back(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,
@@ -212,7 +212,7 @@ def test_kill_9_then_restart_publishes_the_message_back(
 
 
 def test_a_queue_deleted_while_listening(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,

@@ -11,7 +11,7 @@ import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from tests.services.rabbitmq import DEFAULT_CONSUMER_TIMEOUT_MS, RabbitBroker, rabbitmq  # noqa: F401
+from tests.services.rabbitmq import DEFAULT_CONSUMER_TIMEOUT_MS, RabbitBroker
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -57,7 +57,7 @@ def bindings(broker: RabbitBroker) -> set[tuple[str, str, str]]:
     return {(b["source"], b["destination"], b["routing_key"]) for b in broker.api("/api/bindings")}
 
 
-def test_studioml_round_trip(rabbitmq: RabbitBroker) -> None:  # noqa: F811
+def test_studioml_round_trip(rabbitmq: RabbitBroker) -> None:
     body = json.dumps({"experiment": {"key": "e1"}, "config": {}}).encode()
     with connect(rabbitmq) as conn:
         ch = conn.channel()
@@ -79,7 +79,7 @@ def test_studioml_round_trip(rabbitmq: RabbitBroker) -> None:  # noqa: F811
 
 
 def test_restart_keeps_durable_queues_and_persistent_messages_only(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
 ) -> None:
     durable, transient = "rmq_restart_durable", "rmq_restart_transient"
     with connect(rabbitmq) as conn:
@@ -108,7 +108,7 @@ def test_restart_keeps_durable_queues_and_persistent_messages_only(
     rabbitmq.delete_queue(durable)
 
 
-def test_stop_refuses_connections_until_start(rabbitmq: RabbitBroker) -> None:  # noqa: F811
+def test_stop_refuses_connections_until_start(rabbitmq: RabbitBroker) -> None:
     rabbitmq.stop()
     try:
         with pytest.raises(pika.exceptions.AMQPConnectionError):
@@ -122,7 +122,7 @@ def test_stop_refuses_connections_until_start(rabbitmq: RabbitBroker) -> None:  
 
 
 def test_consumer_timeout_closes_channel_holding_unacked_delivery(
-    rabbitmq: RabbitBroker,  # noqa: F811
+    rabbitmq: RabbitBroker,
 ) -> None:
     queue = "rmq_consumer_timeout"
     rabbitmq.set_consumer_timeout(2000)

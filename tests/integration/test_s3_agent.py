@@ -9,7 +9,7 @@ import pytest
 from agent.queues.local import enqueue
 from tests.conftest import AgentProcess, Layout, wait_until
 from tests.s3_requests import s3_message
-from tests.services.s3 import S3Server, s3_server  # noqa: F401
+from tests.services.s3 import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 
@@ -38,7 +38,7 @@ def output_in_bucket(s3: S3Server, key: str) -> str | None:
 
 
 def test_results_arrive_after_an_s3_outage_during_the_final_upload(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,
@@ -67,7 +67,7 @@ def test_results_arrive_after_an_s3_outage_during_the_final_upload(
 
 
 def test_results_that_cannot_be_saved_send_the_message_back(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,
@@ -91,7 +91,7 @@ def test_results_that_cannot_be_saved_send_the_message_back(
 
 
 def test_a_message_that_always_fails_stops_looping(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     layout: Callable[..., Layout],
     start_agent: Start,
     tmp_path: Path,

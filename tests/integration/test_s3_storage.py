@@ -14,13 +14,13 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from agent.errors import ArtifactMissing, StorageUnavailable
+from agent.errors import ArtifactMissing, StorageDenied, StorageUnavailable
 from agent.request import Artifact, StudioConfig
 from agent.storage import resolve
 from agent.storage.base import StorageOptions
-from agent.storage.s3 import S3Storage, StorageDenied
+from agent.storage.s3 import S3Storage
 from agent.storage.transfer import fetch, upload
-from tests.services.s3 import S3Server, s3_server  # noqa: F401
+from tests.services.s3 import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.s3]
 
@@ -30,7 +30,7 @@ FAST = StorageOptions(s3_part_size=5 * MiB, s3_retries=1)
 
 
 @pytest.fixture
-def bucket(s3_server: S3Server) -> str:  # noqa: F811
+def bucket(s3_server: S3Server) -> str:
     return s3_server.make_bucket(f"artifacts-{uuid.uuid4().hex[:12]}")
 
 
@@ -97,7 +97,7 @@ def no_trace_of(server: S3Server, bucket: str, key: str) -> None:
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def test_round_trip_through_transfer(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:  # noqa: F811
+def test_round_trip_through_transfer(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
     cfg = studio_config(s3_server, bucket)
     art = s3_artifact(s3_server, bucket, "experiments/k1/modeldir.tar")
     write_tree(tmp_path / "src")
@@ -109,7 +109,7 @@ def test_round_trip_through_transfer(s3_server: S3Server, bucket: str, tmp_path:
 
 
 def test_multipart_round_trip_and_overwrite(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:
@@ -132,7 +132,7 @@ def test_multipart_round_trip_and_overwrite(
 
 
 def test_retval_travels_as_one_dot_slash_member(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:
@@ -146,7 +146,7 @@ def test_retval_travels_as_one_dot_slash_member(
 
 
 def test_missing_mutable_artifact_is_empty(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:
@@ -157,7 +157,7 @@ def test_missing_mutable_artifact_is_empty(
 
 
 def test_missing_immutable_artifact_names_key_bucket_and_endpoint(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:
@@ -170,7 +170,7 @@ def test_missing_immutable_artifact_names_key_bucket_and_endpoint(
     assert s3_server.endpoint in message
 
 
-def test_missing_bucket_is_permanent(s3_server: S3Server, tmp_path: Path) -> None:  # noqa: F811
+def test_missing_bucket_is_permanent(s3_server: S3Server, tmp_path: Path) -> None:
     art = s3_artifact(s3_server, "no-such-bucket-here", "blobstore/x.tar", mutable=False)
     cfg = studio_config(s3_server, "no-such-bucket-here")
     with pytest.raises(StorageDenied, match="NoSuchBucket"):
@@ -184,7 +184,7 @@ def assert_secret_hidden(error: BaseException, *secrets: str) -> None:
 
 
 def test_wrong_secret_is_a_clear_permanent_error_without_the_secret(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:
@@ -202,7 +202,7 @@ def test_wrong_secret_is_a_clear_permanent_error_without_the_secret(
 
 
 def test_unknown_key_and_missing_permission_are_refused(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:
@@ -234,7 +234,7 @@ def failing_producer(size: int) -> Callable[[BinaryIO], None]:
 
 @pytest.mark.parametrize("written", [2 * MiB, 12 * MiB], ids=["before-first-part", "mid-upload"])
 def test_failed_producer_leaves_no_object_and_no_upload(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     written: int,
 ) -> None:
@@ -246,7 +246,7 @@ def test_failed_producer_leaves_no_object_and_no_upload(
     assert not [t for t in threading.enumerate() if t.name.startswith(("s3-producer", "s3-part"))]
 
 
-def test_refused_upload_stops_the_producer(s3_server: S3Server) -> None:  # noqa: F811
+def test_refused_upload_stops_the_producer(s3_server: S3Server) -> None:
     key = "experiments/k6/output.tar"
     art = s3_artifact(s3_server, "no-such-bucket-here", key)
     store = store_of(art, studio_config(s3_server, "no-such-bucket-here"))
@@ -262,7 +262,7 @@ def test_refused_upload_stops_the_producer(s3_server: S3Server) -> None:  # noqa
 
 
 def test_open_read_streams_without_seeking(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
 ) -> None:
     s3_server.client().put_object(Bucket=bucket, Key="raw.bin", Body=b"abc" * 1000)
@@ -274,7 +274,7 @@ def test_open_read_streams_without_seeking(
 
 
 def test_outage_gives_storage_unavailable_then_recovers(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:
@@ -323,7 +323,7 @@ print(json.dumps({"stored": stored, "fetched": fetched, "up_s": uploaded - start
 
 @pytest.mark.slow
 def test_one_gib_round_trip_in_bounded_memory(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
     bucket: str,
     tmp_path: Path,
 ) -> None:

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.conftest import AgentProcess, Layout, client_env, wait_until
-from tests.services.rabbitmq import RabbitBroker, rabbitmq  # noqa: F401
-from tests.services.s3 import S3Server, s3_server  # noqa: F401
+from tests.services.rabbitmq import RabbitBroker
+from tests.services.s3 import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.studioml, pytest.mark.rabbitmq, pytest.mark.s3]
 
@@ -60,8 +60,8 @@ def client_config(path: Path, broker: RabbitBroker, s3: S3Server) -> Path:
 
 def test_client_submits_over_rabbitmq_and_reads_results_from_s3(
     client_venv: Path,
-    rabbitmq: RabbitBroker,  # noqa: F811
-    s3_server: S3Server,  # noqa: F811
+    rabbitmq: RabbitBroker,
+    s3_server: S3Server,
     layout: Callable[..., Layout],
     start_agent: Callable[[Layout], AgentProcess],
     tmp_path: Path,

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from agent.errors import ArtifactMissing, BadRequest, PermanentError, StorageUnavailable
+from agent.errors import (
+    ArtifactMissing,
+    BadRequest,
+    PermanentError,
+    StorageDenied,
+    StorageUnavailable,
+)
 from agent.request import Artifact, StudioConfig
 from agent.storage import resolve
 from agent.storage.base import StorageOptions
@@ -16,7 +22,6 @@ from agent.storage.local import LocalStorage
 from agent.storage.s3 import (
     MIN_PART,
     S3Storage,
-    StorageDenied,
     client_for,
     part_size,
     translate,
