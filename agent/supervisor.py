@@ -29,7 +29,7 @@ from types import FrameType
 from typing import IO
 
 from agent import process
-from agent.errors import BadRequest, ConfigError
+from agent.errors import AgentError, BadRequest, ConfigError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.queues.base import Delivery, QueueBackend
@@ -157,7 +157,12 @@ class Supervisor:
     def _receive(self) -> tuple[QueueBackend, Delivery] | None:
         for offset in range(len(self.backends)):
             index = (self._next_backend + offset) % len(self.backends)
-            delivery = self.backends[index].receive()
+            try:
+                delivery = self.backends[index].receive()
+            except (AgentError, OSError) as exc:
+                # One broken backend (a stuck lock, a full disk) must not stop the others.
+                log.warning("%s: receive failed: %s", self.backends[index].kind, exc)
+                continue
             if delivery is not None:
                 self._next_backend = index + 1
                 return self.backends[index], delivery
@@ -209,7 +214,11 @@ class Supervisor:
             self.jobs.pop(id(job), None)
             if job.thread is not None:
                 job.thread.join()
-            self._settle(job, outcome)
+            try:
+                self._settle(job, outcome)
+            except (AgentError, OSError) as exc:
+                # The message stays in the agent's custody; the next start returns it.
+                log.error("could not settle the message of %s: %s", outcome.key, exc)
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
         delivery = job.delivery
