@@ -1,4 +1,4 @@
-"""``studio-agent``: run | check-config | submit | metadata | version.
+"""``studio-agent``: run | check-config | status | submit | metadata | version.
 
 Exit codes follow sysexits: 0 clean stop, 2 bad usage, 64 submit input error, 70 unexpected
 crash, 75 a submitted experiment did not finish in time, 78 configuration error (systemd's unit
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("file", nargs="?", type=Path)
     commands.add_parser("version", help="print the version")
+    status = commands.add_parser("status", parents=[common], help="what the running agent does")
+    status.add_argument("--json", action="store_true")
     metadata = commands.add_parser("metadata", help="summarize scrape-*.json documents")
     metadata.add_argument("files", nargs="+", type=Path, help="scrape documents or folders of them")
     metadata.add_argument("--project")
@@ -80,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(options.config)
         if options.command == "submit":
             return submit_command(settings, options)
+        if options.command == "status":
+            return status_command(settings, options.json)
         return run_command(settings, options.log_level)
     except ConfigError as exc:
         print(f"studio-agent: configuration error:\n{exc}", file=sys.stderr)
@@ -96,11 +100,20 @@ def check_config(file: Path | None) -> int:
 
 
 def run_command(settings: Settings, level: str | None) -> int:
+    from agent.credentials import CertsWatcher
     from agent.executors import build_executor
+    from agent.subscriptions import Subscriptions
     from agent.supervisor import Supervisor
 
     setup_logging(level or settings.log_level)
-    return Supervisor(settings, build_backends(settings), build_executor(settings)).run()
+    subscriptions = Subscriptions(settings, build_backends(settings))
+    watcher = None
+    if settings.certs_dir is not None:
+        watcher = CertsWatcher(settings.certs_dir, lambda: None)
+    supervisor = Supervisor(settings, subscriptions, build_executor(settings), watcher)
+    if watcher is not None:
+        watcher.wake = supervisor.wake
+    return supervisor.run()
 
 
 def build_backends(settings: Settings) -> list[QueueBackend]:
@@ -195,4 +208,22 @@ def metadata_command(options: argparse.Namespace) -> int:
             print(json.dumps(row, default=str))
     else:
         print(render_table(rows), end="")
+    return EX_OK
+
+
+def status_command(settings: Settings, as_json: bool) -> int:
+    import json
+
+    from agent.status import STATUS_FILE, render
+
+    path = settings.state_dir / STATUS_FILE
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"studio-agent: no status in {path}: is the agent running with this config?")
+        return EX_TEMPFAIL
+    print(
+        json.dumps(document, indent=1) if as_json else render(document),
+        end="" if not as_json else "\n",
+    )
     return EX_OK

@@ -49,6 +49,8 @@ GO_ALIASES: dict[str, str] = {
     "cpu_only": "CPU_ONLY",
     "amqp_url": "AMQP_URL",
     "amqp_mgmt_url": "AMQP_MGT_URL",
+    "certs_dir": "CERTS_DIR",
+    "pubsub_emulator_host": "PUBSUB_EMULATOR_HOST",
 }
 SECRET_FIELDS: frozenset[str] = frozenset()
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):[^@/]*@", re.I)
@@ -113,6 +115,8 @@ class Settings(BaseSettings):
     poll_interval: Duration = Field(default=0.1, gt=0)
     checkpoint_interval: Duration = parse_duration("10m")
     checkpoint_min_interval: Duration = parse_duration("30s")
+    certs_dir: Path | None = Path("/etc/studio-agent/certs")
+    pubsub_emulator_host: str = ""
     amqp_url: str = ""
     amqp_mgmt_url: str = ""
     amqp_ca_file: Path | None = None

@@ -29,12 +29,15 @@ from types import FrameType
 from typing import IO
 
 from agent import process
+from agent.credentials import CertsWatcher, scan
 from agent.errors import AgentError, BadRequest, ConfigError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.queues.base import Delivery, QueueBackend
 from agent.request import parse_request
 from agent.settings import Settings
+from agent.status import write_status
+from agent.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,20 @@ class Job:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, backends: list[QueueBackend], executor: Executor):
+    def __init__(
+        self,
+        settings: Settings,
+        subscriptions: Subscriptions,
+        executor: Executor,
+        watcher: CertsWatcher | None = None,
+    ):
         self.settings = settings
-        self.backends = backends
+        self.subscriptions = subscriptions
         self.executor = executor
+        self.watcher = watcher
+        self._hup = False
+        self._next_scan = 0.0
+        self._next_status = 0.0
         self.jobs: dict[int, Job] = {}
         self.finished: queue.Queue[tuple[Job, Outcome]] = queue.Queue()
         self._stop_requests = 0
@@ -65,11 +78,18 @@ class Supervisor:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def backends(self) -> list[QueueBackend]:
+        """The backends that may be given new work."""
+        return self.subscriptions.active()
+
     def run(self) -> int:
         """Serve until stopped by a signal; return the process exit code."""
         self._prepare_state_dir()
         self._install_signal_handlers()
         self.recover()
+        if self.watcher is not None:
+            self.watcher.start()
         log.info(
             "studio-agent ready: %d slot(s), queues under %s matching %r",
             self.settings.max_concurrent,
@@ -78,16 +98,23 @@ class Supervisor:
         )
         while self.step():
             pass
-        for backend in self.backends:
+        if self.watcher is not None:
+            self.watcher.stop()
+        for backend in self.subscriptions.everything():
             backend.close()
+        self._write_status("stopped")
         log.info("studio-agent stopped")
         return 0
 
     def step(self) -> bool:
         """One pass of the loop; False once a drain has finished."""
         self._settle_finished()
-        for backend in self.backends:
+        if not self._stop_requests:
+            self._sync_credentials()
+        for backend in self.subscriptions.everything():
             backend.tick()
+        self.subscriptions.close_idle(job.backend for job in self.jobs.values())
+        self._maybe_write_status()
         if self._stop_requests:
             if not self._drain_step():
                 return False
@@ -138,9 +165,40 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requests += 1  # only a flag: the loop does the work on its next pass
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._hup = True
+
+    # -- credentials and status ------------------------------------------------------------------
+
+    def _sync_credentials(self) -> None:
+        """Rescan the certs directory on a change, on SIGHUP, and every 30 s in any case."""
+        if self.watcher is None:
+            return
+        now = time.monotonic()
+        changed = self.watcher.take_change()
+        if not (changed or self._hup or now >= self._next_scan):
+            return
+        self._hup, self._next_scan = False, now + 30.0
+        found, refused = scan(self.watcher.certs)
+        self.subscriptions.sync(found, refused)
+
+    def _maybe_write_status(self) -> None:
+        if time.monotonic() >= self._next_status:
+            self._next_status = time.monotonic() + 2.0
+            state = "draining" if self._stop_requests else ("running" if self.jobs else "idle")
+            self._write_status(state)
+
+    def _write_status(self, state: str) -> None:
+        write_status(self.settings.state_dir, state, self.subscriptions, self.jobs.values())
+
+    def wake(self) -> None:
+        """Cut the loop's sleep short (from any thread)."""
+        self._wake()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):

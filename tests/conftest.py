@@ -18,7 +18,8 @@ from agent.submit import Submission, submit
 
 # The real services, one of each per test session, shared by every module that asks for them.
 from tests.services.rabbitmq import rabbitmq  # noqa: F401
-from tests.services.s3 import s3_server  # noqa: F401
+from tests.services.s3 import s3_server, s3_tls_server  # noqa: F401
+from tests.services.tls import tls_material  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +62,7 @@ def layout(tmp_path: Path, venv_cache: Path) -> Callable[..., Layout]:
             "kill_grace": "2s",
             "poll_interval": 0.05,
             "checkpoint_min_interval": "0s",
+            "certs_dir": str(tmp_path / "certs"),
         }
         config.update(overrides)
         path = tmp_path / "agent.yaml"

@@ -56,7 +56,31 @@ class Delivery(ABC):
 
 class QueueBackend(ABC):
     kind: str
+    name: str = ""  # the credential (or config entry) it serves, for logs and status
+    problem: str | None = None  # what stops it now (unreachable, refused), for status
     _paused: dict[str, float]
+    _not_served: dict[str, str]
+
+    def not_serving(self, queue: str, reason: str) -> bool:
+        """Record why a visible queue is not served; True the first time (log it then)."""
+        if not hasattr(self, "_not_served"):
+            self._not_served = {}
+        first = self._not_served.get(queue) != reason
+        self._not_served[queue] = reason
+        return first
+
+    def describe(self) -> dict[str, object]:
+        """What ``studio-agent status`` shows for this backend."""
+        now = time.monotonic()
+        paused = {q: round(t - now) for q, t in getattr(self, "_paused", {}).items() if t > now}
+        return {
+            "kind": self.kind,
+            "name": self.name or self.kind,
+            "served": self.served_queues(),
+            "not_served": dict(getattr(self, "_not_served", {})),
+            "paused": paused,
+            "problem": self.problem,
+        }
 
     def pause(self, queue: str, seconds: float) -> None:
         """Take nothing from ``queue`` for ``seconds`` (after a failure, or no capacity)."""

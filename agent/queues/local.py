@@ -129,7 +129,7 @@ class LocalQueue(QueueBackend):
         self.inflight = state_dir / "inflight" / "local"
         self.attempts = state_dir / "attempts" / "local"
         self._next = 0
-        self._ignored: set[str] = set()
+        self.name = f"local:{root}"
 
     def served_queues(self) -> list[str]:
         try:
@@ -140,8 +140,7 @@ class LocalQueue(QueueBackend):
         for name in names:
             if self.filter.allows(name):
                 served.append(name)
-            elif name not in self._ignored:
-                self._ignored.add(name)
+            elif self.not_serving(name, self.filter.why_not(name)):
                 log.info("not serving local queue %s: %s", name, self.filter.why_not(name))
         return served
 

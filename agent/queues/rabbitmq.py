@@ -109,7 +109,6 @@ class RabbitQueue(QueueBackend):
         self._next = 0
         self._retry_at = 0.0
         self._failures = 0
-        self._ignored: set[str] = set()
         self._returns: list[Entry] = []
         self._mgmt_down = False  # messages to publish back once the broker takes them
 
@@ -137,7 +136,7 @@ class RabbitQueue(QueueBackend):
             if self._connection is None or not self._connection.is_open:
                 self._connection = pika.BlockingConnection(self._parameters())
                 log.info("%s: connected to %s", self.name, redact_url(self.amqp_url))
-                self._failures = 0
+                self._failures, self.problem = 0, None
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
         except _CONNECTION_ERRORS as exc:
@@ -148,6 +147,7 @@ class RabbitQueue(QueueBackend):
     def _lost(self, why: str) -> None:
         """Forget the connection and back off (capped exponential with full jitter)."""
         self._failures += 1
+        self.problem = why
         delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
         self._retry_at = time.monotonic() + delay
         log.warning("%s: %s; retrying in %.1fs", self.name, why, delay)
@@ -222,9 +222,9 @@ class RabbitQueue(QueueBackend):
             }
         )
         served = [n for n in names if self.filter.allows(n)]
-        for name in set(names) - set(served) - self._ignored:
-            log.info("%s: not serving %s: %s", self.name, name, self.filter.why_not(name))
-            self._ignored.add(name)
+        for name in sorted(set(names) - set(served)):
+            if self.not_serving(name, self.filter.why_not(name)):
+                log.info("%s: not serving %s: %s", self.name, name, self.filter.why_not(name))
         if served != self._queues:
             log.info("%s: serving queues %s", self.name, ", ".join(served) or "(none)")
         self._queues = served

@@ -1,0 +1,90 @@
+"""``<state_dir>/status.json``: what the running agent is doing, for ``studio-agent status``.
+
+The supervisor rewrites it every few seconds; the command reads it, so it works without any
+control socket and shows the last state of an agent that died.
+"""
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.subscriptions import Subscriptions
+
+STATUS_FILE = "status.json"
+
+
+class _Job(Protocol):
+    @property
+    def backend(self) -> Any: ...
+    @property
+    def delivery(self) -> Any: ...
+    @property
+    def run(self) -> Any: ...
+
+
+def write_status(
+    state_dir: Path, state: str, subscriptions: Subscriptions, jobs: Iterable[_Job]
+) -> None:
+    document = {
+        "pid": os.getpid(),
+        "time": time.time(),
+        "state": state,
+        "experiments": [
+            {
+                "key": job.run.request.key,
+                "queue": job.delivery.queue,
+                "backend": job.backend.name or job.backend.kind,
+            }
+            for job in jobs
+        ],
+        "backends": [b.describe() for b in subscriptions.active()],
+        "retiring": [b.describe() for b in subscriptions.retiring],
+        "refused": subscriptions.refused,
+    }
+    target = state_dir / STATUS_FILE
+    temporary = target.with_name(f".{STATUS_FILE}.tmp")
+    temporary.write_text(json.dumps(document, indent=1))
+    os.replace(temporary, target)
+
+
+def render(document: dict[str, Any]) -> str:
+    """Human-readable status: each backend, its queues and why a visible queue is not served."""
+    alive = _alive(int(document.get("pid", 0)))
+    age = time.time() - float(document.get("time", 0))
+    lines = [
+        f"agent pid {document.get('pid')}: {document.get('state')}"
+        + ("" if alive else f" (not running; last seen {age:.0f}s ago)")
+    ]
+    for job in document.get("experiments", []):
+        lines.append(f"  running {job['key']} from {job['backend']}:{job['queue']}")
+    for section in ("backends", "retiring"):
+        for backend in document.get(section, []):
+            title = f"{backend['kind']} {backend['name']}" + (
+                " (retiring)" if section == "retiring" else ""
+            )
+            lines.append(title + (f": {backend['problem']}" if backend.get("problem") else ""))
+            for queue in backend.get("served", []):
+                pause = backend.get("paused", {}).get(queue)
+                lines.append(
+                    f"  serving {queue}" + (f" (paused {pause}s after a failure)" if pause else "")
+                )
+            for queue, reason in sorted(backend.get("not_served", {}).items()):
+                lines.append(f"  not serving {queue}: {reason}")
+    for ident, reason in sorted(document.get("refused", {}).items()):
+        lines.append(f"refused credential {ident}: {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,114 @@
+"""Which queue backends the agent runs: the static ones from its config, and one per credential
+in its certs directory, started, rotated and retired as files come and go.
+
+A retired backend takes no new work, but it stays alive (ticking, so leases are kept and its
+custody journal settled) until the experiments it handed out are settled; then it is closed.
+"""
+
+import logging
+from collections.abc import Iterable
+
+from agent.credentials import Credential
+from agent.queues import build_backend
+from agent.queues.base import QueueBackend, QueueFilter
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def backend_for(credential: Credential, settings: Settings) -> QueueBackend:
+    """Build the backend a credential asks for; vendor SDKs load only when first needed."""
+    queue_filter = QueueFilter(settings.queue_match, settings.queue_mismatch)
+    common = {"queue_filter": queue_filter, "state_dir": settings.state_dir}
+    found = credential.settings
+    if credential.kind == "rabbitmq":
+        return build_backend(
+            "rabbitmq",
+            name=credential.name,
+            amqp_url=found["amqp_url"],
+            mgmt_url=found["mgmt_url"],
+            ca_file=settings.amqp_ca_file,
+            refresh=settings.amqp_refresh,
+            **common,
+        )
+    if credential.kind == "sqs":
+        return build_backend(
+            "sqs",
+            name=credential.name,
+            access_key=found["access_key"],
+            secret_key=found["secret_key"],
+            region=found["region"],
+            session_token=found["session_token"],
+            endpoint_url=found["endpoint_url"],
+            **common,
+        )
+    emulator = settings.pubsub_emulator_host or None
+    return build_backend(
+        "pubsub",
+        name=credential.name,
+        key_file=None if emulator else found["key_file"],
+        project=found["project"],
+        emulator_host=emulator,
+        **common,
+    )
+
+
+class Subscriptions:
+    def __init__(self, settings: Settings, static: Iterable[QueueBackend]):
+        self.settings = settings
+        self.static = list(static)
+        self.dynamic: dict[str, tuple[Credential, QueueBackend]] = {}
+        self.retiring: list[QueueBackend] = []
+        self.refused: dict[str, str] = {}
+
+    def active(self) -> list[QueueBackend]:
+        return self.static + [backend for _, backend in self.dynamic.values()]
+
+    def everything(self) -> list[QueueBackend]:
+        return self.active() + self.retiring
+
+    def sync(self, credentials: dict[str, Credential], refused: dict[str, str]) -> None:
+        """Bring the running backends in line with the certs directory's contents."""
+        for ident, reason in refused.items():
+            if self.refused.get(ident) != reason:
+                log.error("credential %s refused: %s", ident, reason)
+        self.refused = dict(refused)
+        for ident in list(self.dynamic):
+            if ident not in credentials:
+                why = refused.get(ident, "its file was removed")
+                self._retire(ident, why)
+        for ident, credential in credentials.items():
+            current = self.dynamic.get(ident)
+            if current is None:
+                self._add(credential, recover=True)
+            elif current[0].fingerprint != credential.fingerprint:
+                self._retire(ident, "its file changed (rotation)")
+                self._add(credential, recover=False)
+
+    def _add(self, credential: Credential, recover: bool) -> None:
+        try:
+            backend = backend_for(credential, self.settings)
+        except Exception as exc:  # a vendor SDK refusing the settings must not stop the agent
+            self.refused[credential.ident] = f"cannot use it: {type(exc).__name__}: {exc}"
+            log.error("credential %s refused: %s", credential.ident, self.refused[credential.ident])
+            return
+        self.dynamic[credential.ident] = (credential, backend)
+        log.info("credential %s: subscribing (from %s)", credential.ident, credential.source)
+        if recover:
+            # A rotation shares its journal with the backend it replaces, which still settles
+            # its own messages: only a credential new to this agent takes back leftovers.
+            backend.recover()
+
+    def _retire(self, ident: str, why: str) -> None:
+        _, backend = self.dynamic.pop(ident)
+        log.info("credential %s: no new work, %s", ident, why)
+        self.retiring.append(backend)
+
+    def close_idle(self, busy: Iterable[QueueBackend]) -> None:
+        """Close retired backends none of whose deliveries is still being worked on."""
+        in_use = {id(b) for b in busy}
+        for backend in list(self.retiring):
+            if id(backend) not in in_use:
+                backend.close()
+                self.retiring.remove(backend)
+                log.info("%s backend closed: its last experiment is settled", backend.kind)
