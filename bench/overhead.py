@@ -1,18 +1,28 @@
 """How much time studio-agent adds around a trivial experiment, and how fast it drains a queue.
 
-Runs a real agent (``python -m agent run``) on a local queue in a temporary directory and
-measures, with a warm environment cache and the default ``poll_interval``:
+Runs a real agent (``python -m agent run``) in a temporary directory on two transports:
+``local`` (a StudioML local queue, local storage) and ``rmq-s3`` (a private RabbitMQ node and a
+moto S3 server on loopback, both from ``tests/services``, started once). It measures, with a warm
+environment cache and the default ``poll_interval``:
 
 - latency, one worker, one experiment at a time: enqueue -> the child's first line, and the
-  child's last line -> the acknowledgement (the in-flight message file disappearing);
+  child's last line -> the acknowledgement (local: the in-flight message file disappearing;
+  rmq-s3: the custody-journal entry disappearing, which the agent drops once the results are in
+  S3);
 - throughput: a batch of experiments enqueued at once and drained with 1 and then 2 workers;
-- the same batch drained by the studioml 0.0.49 ``studio-local-worker`` (the baseline).
+- on ``local`` only, the same batch drained by the studioml 0.0.49 ``studio-local-worker`` (the
+  baseline). rmq-s3 has none: the 0.0.49 python remote worker is broken (protocol spec J.10).
 
-Usage: ``python bench/overhead.py [--runs N] [--experiments N] [--skip-baseline]``
-(``make bench`` runs it with the project venv). It prints one table of medians.
+Usage: ``python bench/overhead.py [--transport {local,rmq-s3,all}] [--runs N] [--experiments N]
+[--skip-baseline]`` (``make bench`` runs it with the project venv). It prints one table of medians.
 """
 
+from __future__ import annotations
+
 import argparse
+import importlib.metadata
+import io
+import itertools
 import json
 import os
 import platform
@@ -27,14 +37,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import pika
 import yaml
 
 from agent import __version__
 from agent.queues.local import LOCK_NAME, enqueue
 from agent.settings import Settings
+from agent.storage.archive import pack_directory
 from agent.submit import Submission, submit
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from tests.services.rabbitmq import RabbitBroker
+    from tests.services.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = Path(os.environ.get("STUDIOML_CLIENT", ROOT / ".cache" / "studioml-client"))
@@ -44,6 +62,12 @@ POLL = 0.002  # seconds between two looks at the queue and in-flight folders
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 DEFAULT_POLL = Settings.model_fields["poll_interval"].default
+TRANSPORTS = ("local", "rmq-s3")
+RMQ_QUEUE = "rmq_bench"
+RMQ_BUCKET = "bench"
+EXCHANGE = "StudioML.topic"  # the studioml 0.0.49 client's exchange and routing keys
+ROUTING_KEY = f"StudioML.{RMQ_QUEUE}"
+PYTHONVER = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
 # -- layout ------------------------------------------------------------------------------------
@@ -66,6 +90,11 @@ class Layout:
         return self.state_dir / "inflight" / "local" / QUEUE
 
     @property
+    def journal_dir(self) -> Path:
+        """Where the agent keeps the rmq-s3 messages in its custody (its config-named backend)."""
+        return self.state_dir / "inflight" / "rabbitmq" / "config" / RMQ_QUEUE
+
+    @property
     def storage(self) -> Path:
         return self.root / "store"
 
@@ -84,8 +113,8 @@ def make_layout(root: Path) -> Layout:
     return layout
 
 
-def agent_config(layout: Layout, slots: int) -> Path:
-    config = {
+def agent_config(layout: Layout, slots: int, name: str, extra: dict[str, Any]) -> Path:
+    config: dict[str, Any] = {
         "queue_root": str(layout.root / "queue"),
         "state_dir": str(layout.state_dir),
         "cache_dir": str(layout.root / "cache"),
@@ -93,7 +122,8 @@ def agent_config(layout: Layout, slots: int) -> Path:
         "drain_timeout": "30s",
         "update_local_db": True,
     }
-    path = layout.root / f"agent-{slots}.yaml"
+    config.update(extra)
+    path = layout.root / f"agent-{name}-{slots}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -126,10 +156,13 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: 
 
 
 @contextmanager
-def running_agent(layout: Layout, slots: int) -> Iterator[subprocess.Popen[bytes]]:
+def running_agent(
+    layout: Layout, slots: int, name: str = "local", extra: dict[str, Any] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real agent serving the bench queue; always stopped on the way out."""
-    log = layout.root / f"agent-{slots}.log"
-    argv = [sys.executable, "-m", "agent", "run", "--config", str(agent_config(layout, slots))]
+    log = layout.root / f"agent-{name}-{slots}.log"
+    config = agent_config(layout, slots, name, extra or {})
+    argv = [sys.executable, "-m", "agent", "run", "--config", str(config)]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -141,7 +174,7 @@ def running_agent(layout: Layout, slots: int) -> Iterator[subprocess.Popen[bytes
         stop(proc)
 
 
-# -- the agent's side --------------------------------------------------------------------------
+# -- the local side ----------------------------------------------------------------------------
 
 
 def prepare(layout: Layout) -> tuple[str, bytes]:
@@ -176,8 +209,12 @@ def wait_until(done: Callable[[], bool], proc: subprocess.Popen[bytes], timeout:
 
 
 def stamps(layout: Layout, key: str) -> dict[str, float]:
+    return read_stamps(layout.results(key).read_bytes(), key)
+
+
+def read_stamps(output_tar: bytes, key: str) -> dict[str, float]:
     """The ``start`` and ``end`` times the experiment printed, from its uploaded output."""
-    with tarfile.open(layout.results(key)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(output_tar)) as tar:
         member = tar.extractfile("output")
         text = member.read().decode() if member else ""
     found = dict(
@@ -197,6 +234,12 @@ class Latency(NamedTuple):
     total: float  # enqueue -> acknowledged
 
 
+def timeline(enqueued: float, taken: float, acked: float, times: dict[str, float]) -> Latency:
+    return Latency(
+        times["start"] - enqueued, taken - enqueued, acked - times["end"], acked - enqueued
+    )
+
+
 def run_one(layout: Layout, proc: subprocess.Popen[bytes]) -> Latency:
     """Enqueue one experiment on an idle agent and follow it until it is acknowledged."""
     key, body = prepare(layout)
@@ -205,10 +248,7 @@ def run_one(layout: Layout, proc: subprocess.Popen[bytes]) -> Latency:
     held = layout.inflight_dir / queued.name
     taken = wait_until(lambda: not queued.exists(), proc, 60)
     acked = wait_until(lambda: not held.exists(), proc, 60)
-    times = stamps(layout, key)
-    return Latency(
-        times["start"] - enqueued, taken - enqueued, acked - times["end"], acked - enqueued
-    )
+    return timeline(enqueued, taken, acked, stamps(layout, key))
 
 
 def drain_round(layout: Layout, proc: subprocess.Popen[bytes], count: int) -> float:
@@ -221,6 +261,191 @@ def drain_round(layout: Layout, proc: subprocess.Popen[bytes], count: int) -> fl
     elapsed = time.perf_counter() - started
     for key, _ in prepared:
         stamps(layout, key)  # each one really ran
+    return elapsed
+
+
+# -- the RabbitMQ + S3 side --------------------------------------------------------------------
+
+
+@dataclass
+class Rmq:
+    """The broker, the S3 server, and the bench's own publisher channel and S3 client."""
+
+    layout: Layout
+    broker: RabbitBroker
+    s3: S3Server
+    channel: Any  # a pika BlockingChannel with publisher confirms
+    client: S3Client
+    workspace_tar: bytes
+    versions: str
+    serial: Iterator[int] = field(default_factory=itertools.count)
+
+
+@contextmanager
+def rmq_services(root: Path) -> Iterator[tuple[RabbitBroker, S3Server]]:
+    """A private RabbitMQ node and a moto S3 server (the tests' own); always stopped."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # tests/services is project code, not an installed package
+    from tests.services.rabbitmq import RABBITMQ_BIN, RabbitBroker, _free_port_block
+    from tests.services.s3 import S3Server
+
+    if not (RABBITMQ_BIN / "rabbitmq-server").is_file():
+        raise SystemExit(f"no rabbitmq-server in {RABBITMQ_BIN}: install it or --transport local")
+    (root / "rabbitmq").mkdir(parents=True)
+    broker = RabbitBroker(root / "rabbitmq", _free_port_block())
+    s3 = S3Server(root / "moto.log")
+    try:
+        broker.start()
+        s3.start()
+        yield broker, s3
+    finally:
+        s3.stop()
+        broker.close()
+
+
+def declare(channel: Any) -> Any:
+    """The studioml 0.0.49 client's exchange, queue and binding (protocol spec A.1)."""
+    channel.exchange_declare(EXCHANGE, "topic", durable=True, auto_delete=True)
+    channel.queue_declare(RMQ_QUEUE, durable=False)
+    channel.queue_bind(RMQ_QUEUE, EXCHANGE, routing_key=ROUTING_KEY)
+    channel.confirm_delivery()
+    return channel
+
+
+def workspace_tar(layout: Layout) -> bytes:
+    buffer = io.BytesIO()
+    pack_directory(layout.workspace, buffer)
+    return buffer.getvalue()
+
+
+@contextmanager
+def rmq_bench(layout: Layout) -> Iterator[Rmq]:
+    """Services started once for every rmq-s3 measurement; the queue exists before any agent."""
+    with rmq_services(layout.root / "services") as (broker, s3):
+        s3.make_bucket(RMQ_BUCKET)
+        overview = broker.api("/api/overview")
+        versions = f"RabbitMQ {overview['rabbitmq_version']}, moto {moto_version()}"
+        params = pika.URLParameters(f"{broker.amqp_url}?heartbeat=0")  # idle between rounds
+        connection = pika.BlockingConnection(params)
+        try:
+            channel = declare(connection.channel())
+            yield Rmq(layout, broker, s3, channel, s3.client(), workspace_tar(layout), versions)
+        finally:
+            connection.close()
+
+
+def moto_version() -> str:
+    return importlib.metadata.version("moto")
+
+
+def rmq_settings(rmq: Rmq) -> dict[str, Any]:
+    """What makes the agent serve the broker's bench queue (and nothing else)."""
+    return {
+        "amqp_url": rmq.broker.amqp_url,
+        "amqp_mgmt_url": rmq.broker.mgmt_url,
+        "amqp_refresh": "1s",
+        "queue_match": f"^{RMQ_QUEUE}$",
+    }
+
+
+def s3_artifacts(s3: S3Server, key: str) -> dict[str, dict[str, Any]]:
+    """The request's artifacts as the 0.0.49 client writes them for S3 (tests/s3_requests.py)."""
+    host = s3.endpoint.removeprefix("http://")
+    aws = {"access_key": s3.access_key, "secret_access_key": s3.secret_key, "region": s3.region}
+    paths = {"workspace": f"blobstore/{key}.tar"} | {
+        label: f"experiments/{key}/{label}.tar" for label in ("output", "modeldir", "_metadata")
+    }
+    return {
+        label: {
+            "key": path,
+            "mutable": label != "workspace",
+            "bucket": RMQ_BUCKET,
+            "qualified": f"s3://{host}/{RMQ_BUCKET}/{path}",
+            "unpack": True,
+            "credentials": {"aws": aws},
+        }
+        for label, path in paths.items()
+    }
+
+
+def rmq_message(rmq: Rmq, key: str) -> bytes:
+    """Upload the workspace for ``key``; return its 0.0.49-style request with S3 artifacts."""
+    rmq.client.put_object(Bucket=RMQ_BUCKET, Key=f"blobstore/{key}.tar", Body=rmq.workspace_tar)
+    storage = {"type": "s3", "endpoint": rmq.s3.endpoint, "bucket": RMQ_BUCKET}
+    experiment = {
+        "key": key,
+        "filename": "train.py",
+        "args": [],
+        "pythonver": PYTHONVER,
+        "time_added": time.time(),
+        "artifacts": s3_artifacts(rmq.s3, key),
+    }
+    config = {"storage": storage, "database": storage, "env": {}}
+    return json.dumps({"experiment": experiment, "config": config}).encode()
+
+
+def publish(rmq: Rmq, body: bytes) -> None:
+    """basic.publish as the studioml 0.0.49 client does; returns once the broker confirmed."""
+    properties = pika.BasicProperties(app_id="studioml", content_type="application/json")
+    rmq.channel.basic_publish(EXCHANGE, ROUTING_KEY, body, properties, mandatory=True)
+
+
+def journaled(layout: Layout) -> bool:
+    """Does the agent hold a message? An entry is ``<id>`` plus ``<id>.json``; dot files are
+    writes in progress. The body is written last and deleted first."""
+    folder = layout.journal_dir
+    return folder.is_dir() and any(
+        not p.name.endswith(".json") and not p.name.startswith(".") for p in folder.iterdir()
+    )
+
+
+def output_tar(rmq: Rmq, key: str) -> bytes:
+    response = rmq.client.get_object(Bucket=RMQ_BUCKET, Key=f"experiments/{key}/output.tar")
+    return response["Body"].read()
+
+
+def outputs_in_bucket(rmq: Rmq, prefix: str) -> int:
+    listing = rmq.client.list_objects_v2(Bucket=RMQ_BUCKET, Prefix=prefix)
+    return sum(1 for item in listing.get("Contents", []) if item["Key"].endswith("/output.tar"))
+
+
+def rmq_run_one(rmq: Rmq, proc: subprocess.Popen[bytes]) -> Latency:
+    """Publish one experiment to an idle agent and follow it until its results are safe."""
+    key = f"rmq{next(rmq.serial)}"
+    body = rmq_message(rmq, key)
+    enqueued = time.time()
+    publish(rmq, body)
+    taken = wait_until(lambda: journaled(rmq.layout), proc, 60)
+    acked = wait_until(lambda: not journaled(rmq.layout), proc, 60)
+    return timeline(enqueued, taken, acked, read_stamps(output_tar(rmq, key), key))
+
+
+def wait_drained(rmq: Rmq, proc: subprocess.Popen[bytes], prefix: str, count: int) -> float:
+    """perf_counter() when the journal was seen empty with all ``count`` outputs in the bucket.
+
+    The journal is looked at every POLL seconds, the bucket only when the journal is empty.
+    """
+    deadline = time.monotonic() + 30 + 10 * count
+    while time.monotonic() < deadline:
+        wait_until(lambda: not journaled(rmq.layout), proc, max(0.0, deadline - time.monotonic()))
+        empty = time.perf_counter()
+        if outputs_in_bucket(rmq, prefix) >= count:
+            return empty
+        time.sleep(POLL)
+    raise TimeoutError(f"{prefix}*: not drained after {30 + 10 * count}s")
+
+
+def rmq_drain_round(rmq: Rmq, proc: subprocess.Popen[bytes], count: int) -> float:
+    """Publish ``count`` experiments at once; seconds until every result is safe in S3."""
+    tag = f"rmq{next(rmq.serial)}"
+    keys = [f"{tag}-{index}" for index in range(count)]
+    bodies = [rmq_message(rmq, key) for key in keys]
+    started = time.perf_counter()
+    for body in bodies:
+        publish(rmq, body)
+    elapsed = wait_drained(rmq, proc, f"experiments/{tag}-", count) - started
+    for key in keys:
+        read_stamps(output_tar(rmq, key), key)  # each one really ran
     return elapsed
 
 
@@ -318,24 +543,53 @@ def worker_round(client: Client, workspace: Path, tag: str, count: int) -> tuple
 # -- measuring ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How one transport is measured: the agent settings that serve it, and its two probes."""
+
+    name: str
+    settings: dict[str, Any]
+    one: Callable[[subprocess.Popen[bytes]], Latency]  # one experiment on an idle agent
+    drain: Callable[[subprocess.Popen[bytes], int], float]  # seconds to drain a batch
+
+
+def local_transport(layout: Layout) -> Transport:
+    return Transport(
+        "local", {}, lambda proc: run_one(layout, proc), lambda p, n: drain_round(layout, p, n)
+    )
+
+
+def rmq_transport(rmq: Rmq) -> Transport:
+    return Transport(
+        "rmq-s3",
+        rmq_settings(rmq),
+        lambda proc: rmq_run_one(rmq, proc),
+        lambda proc, count: rmq_drain_round(rmq, proc, count),
+    )
+
+
 @dataclass
 class Results:
-    latency: list[Latency] = field(default_factory=list)
-    agent: dict[int, list[float]] = field(default_factory=dict)  # slots -> seconds per experiment
+    latency: dict[str, list[Latency]] = field(default_factory=dict)  # transport -> runs
+    # (transport, slots) -> seconds per experiment, one value a round
+    agent: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     worker: list[float] = field(default_factory=list)  # seconds per experiment, steady state
     worker_wall: list[float] = field(default_factory=list)  # the same, launch to exit
+    services: str = ""  # versions of the rmq-s3 broker and S3 server
 
 
-def measure_agent(layout: Layout, options: argparse.Namespace, results: Results) -> None:
+def measure_agent(
+    layout: Layout, transport: Transport, options: argparse.Namespace, results: Results
+) -> None:
     for slots in (1, 2):
-        with running_agent(layout, slots) as proc:
-            run_one(layout, proc)  # warm-up: builds the env cache the first time
+        with running_agent(layout, slots, transport.name, transport.settings) as proc:
+            transport.one(proc)  # warm-up: builds the env cache, finds the broker's queue
             if slots == 1:
-                results.latency = [run_one(layout, proc) for _ in range(options.runs)]
-            rounds = results.agent.setdefault(slots, [])
+                results.latency[transport.name] = [transport.one(proc) for _ in range(options.runs)]
+            rounds = results.agent.setdefault((transport.name, slots), [])
             for _ in range(options.rounds):
-                rounds.append(drain_round(layout, proc, options.experiments) / options.experiments)
-            print(f"  studio-agent, {slots} worker(s): done", file=sys.stderr)
+                rounds.append(transport.drain(proc, options.experiments) / options.experiments)
+            print(f"  {transport.name}: studio-agent, {slots} worker(s): done", file=sys.stderr)
 
 
 def measure_worker(
@@ -351,7 +605,15 @@ def measure_worker(
         print(f"  studio-local-worker round {index + 1}: done", file=sys.stderr)
 
 
+def measure_rmq(layout: Layout, options: argparse.Namespace, results: Results) -> None:
+    with rmq_bench(layout) as rmq:
+        results.services = rmq.versions
+        measure_agent(layout, rmq_transport(rmq), options, results)
+
+
 # -- reporting ---------------------------------------------------------------------------------
+
+NAME = 54  # width of the row names: the transport, then what is measured
 
 
 def row(name: str, unit: str, values: Sequence[float], digits: int = 1) -> str:
@@ -359,35 +621,71 @@ def row(name: str, unit: str, values: Sequence[float], digits: int = 1) -> str:
         return f"{value:>9.{digits}f}"
 
     spread = f"{fmt(min(values))} {fmt(max(values))}" if len(values) > 1 else " " * 19
-    return f"{name:<44} {unit:<8} {fmt(statistics.median(values))} {spread} {len(values):>4}"
+    return f"{name:<{NAME}} {unit:<8} {fmt(statistics.median(values))} {spread} {len(values):>4}"
 
 
 def throughput_rows(name: str, seconds: Sequence[float]) -> list[str]:
     return [row(name, "exp/min", [60 / s for s in seconds]), row("", "s/exp", seconds, 3)]
 
 
-LATENCY_ROWS = (
-    ("latency, 1 worker: enqueue -> process start", "to_start"),
-    ("  of which enqueue -> taken from the queue", "to_take"),
-    ("latency, 1 worker: process end -> ack", "to_ack"),
-    ("latency, 1 worker: enqueue -> ack", "total"),
-)
+LATENCY_ROWS = {
+    "local": (
+        ("latency, 1 worker: enqueue -> process start", "to_start"),
+        ("  of which enqueue -> taken from the queue", "to_take"),
+        ("latency, 1 worker: process end -> ack", "to_ack"),
+        ("latency, 1 worker: enqueue -> ack", "total"),
+    ),
+    "rmq-s3": (
+        ("latency, 1 worker: publish -> process start", "to_start"),
+        ("  of which publish -> taken (journaled)", "to_take"),
+        ("latency, 1 worker: process end -> results safe", "to_ack"),
+        ("latency, 1 worker: publish -> results safe", "total"),
+    ),
+}
+NOTES = {
+    "rmq-s3": (
+        "rmq-s3: results safe = results uploaded to S3 and the custody-journal entry dropped;",
+        "        the broker's ack comes earlier, once the message is journaled.",
+        "rmq-s3: no studioml baseline: the 0.0.49 python remote worker is broken (spec J.10).",
+    ),
+}
+
+
+def transport_rows(results: Results, transport: str) -> list[str]:
+    lines = []
+    for label, name in LATENCY_ROWS[transport]:
+        values = [1000 * getattr(s, name) for s in results.latency[transport]]
+        lines.append(row(f"{transport:<7} {label}", "ms", values))
+    for slots in (1, 2):
+        name = f"{transport:<7} throughput, studio-agent, {slots} worker(s)"
+        lines += throughput_rows(name, results.agent[transport, slots])
+    return lines
+
+
+def baseline_rows(results: Results) -> list[str]:
+    lines = throughput_rows("local   throughput, studio-local-worker 0.0.49", results.worker)
+    lines += throughput_rows("local     same, launch -> exit (with start-up)", results.worker_wall)
+    baseline = statistics.median(60 / s for s in results.worker)
+    for slots in (1, 2):
+        ratio = statistics.median(60 / s for s in results.agent["local", slots]) / baseline
+        lines.append(
+            row(f"local   ratio studio-agent {slots} worker(s) / studioml", "x", [ratio], 2)
+        )
+    return lines
 
 
 def report(results: Results) -> str:
-    lines = [f"{'':<44} {'unit':<8} {'median':>9} {'min':>9} {'max':>9} {'n':>4}"]
-    for label, name in LATENCY_ROWS:
-        lines.append(row(label, "ms", [1000 * getattr(s, name) for s in results.latency]))
-    for slots, seconds in sorted(results.agent.items()):
-        lines += throughput_rows(f"throughput, studio-agent, {slots} worker(s)", seconds)
-    if results.worker:
-        lines += throughput_rows("throughput, studio-local-worker 0.0.49", results.worker)
-        lines += throughput_rows("  same, launch -> exit (with start-up)", results.worker_wall)
-        baseline = statistics.median(60 / s for s in results.worker)
-        for slots, seconds in sorted(results.agent.items()):
-            ratio = statistics.median(60 / s for s in seconds) / baseline
-            lines.append(row(f"ratio studio-agent {slots} worker(s) / studioml", "x", [ratio], 2))
-    return "\n".join(lines)
+    lines = [f"{'':<{NAME}} {'unit':<8} {'median':>9} {'min':>9} {'max':>9} {'n':>4}"]
+    notes: list[str] = []
+    for transport in TRANSPORTS:
+        if transport in results.latency:
+            lines += transport_rows(results, transport)
+            notes += NOTES.get(transport, ())
+        if transport == "local" and results.worker:
+            lines += baseline_rows(results)
+    if results.services:
+        notes.append(f"rmq-s3: {results.services}, on loopback; amqp_refresh 1s.")
+    return "\n".join(lines + notes)
 
 
 def header(options: argparse.Namespace) -> str:
@@ -397,8 +695,15 @@ def header(options: argparse.Namespace) -> str:
         f"({platform.python_implementation()}), {cpus} CPUs, {platform.platform()}\n"
         f"trivial experiment, warm env cache, poll_interval {DEFAULT_POLL} s (default); "
         f"{options.runs} latency runs; throughput: {options.experiments} experiments a round, "
-        f"{options.rounds} rounds per setting, {options.baseline_rounds} for studioml"
+        f"{options.rounds} rounds per setting{baseline_note(options)}; "
+        f"transports: {', '.join(selected(options))}"
     )
+
+
+def baseline_note(options: argparse.Namespace) -> str:
+    if options.skip_baseline or "local" not in selected(options):
+        return ""
+    return f", {options.baseline_rounds} for studioml"
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -413,6 +718,9 @@ def positive(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--transport", choices=[*TRANSPORTS, "all"], default="all", help="what to measure (all)"
+    )
     parser.add_argument("--runs", type=positive, default=10, help="latency runs (10)")
     parser.add_argument(
         "--experiments", type=positive, default=20, help="experiments per throughput round (20)"
@@ -426,6 +734,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+def selected(options: argparse.Namespace) -> tuple[str, ...]:
+    return TRANSPORTS if options.transport == "all" else (options.transport,)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through every finally: no process is left behind
 
@@ -437,9 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Results()
     with tempfile.TemporaryDirectory(prefix="studio-agent-bench-") as tmp:
         layout = make_layout(Path(tmp) / "agent")
-        measure_agent(layout, options, results)
-        if not options.skip_baseline:
-            measure_worker(Path(tmp), layout, options, results)
+        if "local" in selected(options):
+            measure_agent(layout, local_transport(layout), options, results)
+            if not options.skip_baseline:
+                measure_worker(Path(tmp), layout, options, results)
+        if "rmq-s3" in selected(options):
+            measure_rmq(layout, options, results)
     print(report(results))
     return 0
 
