@@ -196,24 +196,34 @@ class CertsWatcher:
 
         while not self._stop.is_set():
             if not self.certs.is_dir():
-                self._stop.wait(1.0)
-                self._signal()  # it may have appeared: let the supervisor look
+                self._stop.wait(0.5)
                 continue
+            self._signal()  # it may have just appeared, with files in it
             try:
-                for _changes in watch(
-                    self.certs,
-                    stop_event=self._stop,
-                    debounce=100,
-                    step=50,
-                    rust_timeout=1000,
-                    yield_on_timeout=False,
-                    recursive=True,
-                ):
-                    self._signal()
+                self._watch_once(watch)
             except (FileNotFoundError, RuntimeError, OSError) as exc:
                 log.debug("certs watch restarting: %r", exc)
-                self._signal()
                 self._stop.wait(0.5)
+
+    def _watch_once(self, watch: Callable[..., Any]) -> None:
+        """Signal on every change until the folder goes away or the agent stops."""
+        settled = False
+        for changes in watch(
+            self.certs,
+            stop_event=self._stop,
+            debounce=100,
+            step=50,
+            rust_timeout=500,
+            yield_on_timeout=True,
+            recursive=True,
+        ):
+            # The first (empty) yield means the watch is in place: one more scan covers
+            # anything written between the scan before it and now.
+            if changes or not settled:
+                self._signal()
+            settled = True
+            if not self.certs.is_dir():
+                return
 
     def _signal(self) -> None:
         self._changed.set()

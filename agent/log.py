@@ -14,5 +14,6 @@ def setup_logging(level: str) -> None:
         else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
-    # pika narrates every socket event at INFO; its warnings and errors are what matter.
-    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pika narrates every socket event, and logs each refused connection as several errors with
+    # tracebacks; the RabbitMQ backend already logs one line per outage with the reason.
+    logging.getLogger("pika").setLevel(max(logging.CRITICAL, logging.getLogger().level))

@@ -148,6 +148,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with {' or '.join(allowed)}")
         return value
 
+    @field_validator("amqp_ca_file", "s3_ca_bundle")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
     @property
     def effective_work_dir(self) -> Path:
         return self.work_dir or self.state_dir / "work"

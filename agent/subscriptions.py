@@ -67,8 +67,9 @@ class Subscriptions:
     def everything(self) -> list[QueueBackend]:
         return self.active() + self.retiring
 
-    def sync(self, credentials: dict[str, Credential], refused: dict[str, str]) -> None:
-        """Bring the running backends in line with the certs directory's contents."""
+    def sync(self, credentials: dict[str, Credential], refused: dict[str, str]) -> bool:
+        """Bring the running backends in line with the certs directory; True if anything changed."""
+        before = (set(self.dynamic), len(self.retiring), dict(self.refused))
         for ident, reason in refused.items():
             if self.refused.get(ident) != reason:
                 log.error("credential %s refused: %s", ident, reason)
@@ -84,6 +85,7 @@ class Subscriptions:
             elif current[0].fingerprint != credential.fingerprint:
                 self._retire(ident, "its file changed (rotation)")
                 self._add(credential, recover=False)
+        return before != (set(self.dynamic), len(self.retiring), self.refused)
 
     def _add(self, credential: Credential, recover: bool) -> None:
         try:

@@ -185,7 +185,8 @@ class Supervisor:
             return
         self._hup, self._next_scan = False, now + 30.0
         found, refused = scan(self.watcher.certs)
-        self.subscriptions.sync(found, refused)
+        if self.subscriptions.sync(found, refused):
+            self._next_status = 0.0  # show the change in status.json at once
 
     def _maybe_write_status(self) -> None:
         if time.monotonic() >= self._next_status:

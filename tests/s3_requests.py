@@ -14,7 +14,7 @@ def s3_message(s3: S3Server, key: str, script: str, args: list[str], tmp_path: P
     """A 0.0.49-style request whose artifacts live in the S3 server, workspace uploaded."""
     bucket = s3.make_bucket("agent-tests")
     workspace = write_workspace(tmp_path / f"ws-{key}", script)
-    host = s3.endpoint.removeprefix("http://")
+    host = s3.endpoint.partition("://")[2]  # qualified URLs lose the scheme (http or https)
     aws = {"access_key": s3.access_key, "secret_access_key": s3.secret_key, "region": s3.region}
     s3.client().put_object(Bucket=bucket, Key=f"blobstore/{key}.tar", Body=_tar_of(workspace))
     artifacts = {

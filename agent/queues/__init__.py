@@ -9,6 +9,8 @@ from agent.queues.base import QueueBackend
 _BACKENDS = {
     "local": "agent.queues.local:LocalQueue",
     "rabbitmq": "agent.queues.rabbitmq:RabbitQueue",
+    "pubsub": "agent.queues.pubsub:PubSubQueue",
+    "sqs": "agent.queues.sqs:SqsQueue",
 }
 
 

@@ -29,7 +29,7 @@ class Entry:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -52,8 +52,8 @@ class Journal:
         folder = self.root / queue
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         entry = Entry(queue, uuid.uuid4().hex, body, meta)
-        _write_atomically(folder / f"{entry.entry_id}.json", json.dumps(meta).encode())
-        _write_atomically(folder / entry.entry_id, body)
+        write_atomically(folder / f"{entry.entry_id}.json", json.dumps(meta).encode())
+        write_atomically(folder / entry.entry_id, body)
         return entry
 
     def drop(self, entry: Entry) -> None:

@@ -46,21 +46,44 @@ BACKOFF_MAX = 60.0
 _CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
+def _host_port(parts: urllib.parse.SplitResult) -> str:
+    """``host[:port]`` as the URL spells it (an IPv6 address keeps its brackets), no user info."""
+    return parts.netloc.rpartition("@")[2]
+
+
 def management_url(amqp_url: str) -> str:
     """The Go runner's rule: same host and credentials, port + 10000, https for amqps."""
     parts = urllib.parse.urlsplit(amqp_url)
     scheme = "https" if parts.scheme == "amqps" else "http"
     port = (parts.port or (5671 if parts.scheme == "amqps" else 5672)) + 10000
+    # Still percent-encoded, as in the AMQP URL: bindings_request decodes them.
     userinfo = f"{parts.username or 'guest'}:{parts.password or 'guest'}@"
-    return f"{scheme}://{userinfo}{parts.hostname}:{port}"
+    host = parts.hostname or "localhost"  # pika's default
+    return f"{scheme}://{userinfo}{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def redact_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{parts.username}:***@{_host_port(parts)}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def bindings_request(mgmt_url: str, vhost: str) -> urllib.request.Request:
+    """``GET /api/bindings/<vhost>``, the URL's user info sent as Basic auth instead.
+
+    User and password are percent-decoded, as pika decodes the AMQP URL's: a password with
+    ``@``, ``:`` or ``/`` must be written encoded in the URL, and must reach both APIs the same.
+    """
+    parts = urllib.parse.urlsplit(mgmt_url)
+    base = f"{parts.scheme}://{_host_port(parts)}{parts.path.rstrip('/')}"
+    request = urllib.request.Request(f"{base}/api/bindings/{urllib.parse.quote(vhost, safe='')}")
+    user = urllib.parse.unquote(parts.username or "guest")
+    password = urllib.parse.unquote(parts.password or "guest")
+    token = b64encode(f"{user}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    return request
 
 
 class RabbitDelivery(Delivery):
@@ -186,15 +209,9 @@ class RabbitQueue(QueueBackend):
     # -- discovery -----------------------------------------------------------------------------
 
     def _bindings(self) -> list[dict[str, Any]]:
-        parts = urllib.parse.urlsplit(self.mgmt_url)
-        netloc = f"{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
-        url = f"{base}/api/bindings/{urllib.parse.quote(self.vhost, safe='')}"
-        request = urllib.request.Request(url)
-        token = b64encode(f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode())
-        request.add_header("Authorization", f"Basic {token.decode()}")
+        request = bindings_request(self.mgmt_url, self.vhost)
         context = None
-        if parts.scheme == "https":
+        if request.type == "https":
             context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             data = json.loads(response.read())

@@ -1,35 +1,31 @@
 """AWS SQS queues, as the StudioML client creates them (protocol §B).
 
 Delivery semantics:
-- Queues are found with ``ListQueues`` (paginated), named by the last segment of their URL and
-  filtered by the regexes; refreshed every ``refresh`` seconds from the tick.
-- ``receive`` long-polls one served queue per call (round-robin, ``WaitTimeSeconds=wait_time``),
-  so one call blocks the supervisor's loop for at most ``wait_time`` seconds. Longer waits cost
-  fewer requests on idle queues (AWS bills per request) but delay signals, settling and the other
-  backends by as much; the default of 1 s keeps an idle queue at about one request a second.
-- Lease: a received message is invisible for ``visibility`` seconds; the tick renews that when
-  half of it has passed, so a lapse needs SQS to be unreachable for ``visibility / 2``. A failed
-  renewal is retried every second and logged once. A killed agent simply stops renewing: its
-  messages become visible again within ``visibility`` seconds.
-- SQS caps a message's invisibility at 12 h from its receive. Past ``max_invisible`` (11h30m)
-  the agent takes custody, as ``rabbitmq.py`` does: it writes the message to its journal (fsync),
-  then deletes it from SQS. From then on acknowledging drops the entry, and returning sends the
-  body back (``SendMessage``, with a ``studio-agent-attempts`` attribute) and then drops the
-  entry; an agent killed in between sends back what it held when it starts again (``recover``).
-  So an experiment of any length runs once.
-- Before custody, ack is ``DeleteMessage`` and return is ``ChangeMessageVisibility(0)``.
-- Nothing SQS cannot be reached for is lost: a delete or a send that fails is retried from the
-  tick (the lease kept renewed meanwhile); a failed return before custody needs no retry, since
-  the message becomes visible by itself when its lease lapses. What may happen instead is a
-  second copy: a crash between the journal write and the delete, or between a send-back and the
-  entry's removal, returns a message that is also still (or again) in SQS. At least once, never
-  lost; and a message not deleted when its 12 h are up is handed out again (logged).
+- Queues are found with ``ListQueues`` (paginated), named by the last segment of their URL,
+  filtered by the regexes, and refreshed every ``refresh`` seconds.
+- ``receive`` long-polls one served queue per call, round-robin, for ``wait_time`` seconds, which
+  is how long a call may block the supervisor's loop (signals, settling, other backends). Longer
+  polls would cost fewer requests (AWS bills per request); 1 s keeps the loop responsive.
+- Lease: a message received is invisible for ``visibility`` seconds, renewed from the tick when
+  half of that has passed. A failed renewal or settlement is retried every second and logged
+  once. A killed agent just stops renewing: its messages reappear within ``visibility`` seconds.
+- SQS caps invisibility at 12 h. Past ``max_invisible`` (11h30m) the agent takes custody as
+  ``rabbitmq.py`` does: it writes the message to its journal (fsync), then deletes it from SQS.
+  Then ack drops the entry, and return sends the body back (with a ``studio-agent-attempts``
+  attribute) and drops the entry; ``recover`` sends back what a killed agent held. So an
+  experiment of any length runs once.
+- Before custody, ack is ``DeleteMessage``; return is ``ChangeMessageVisibility(0)``, and needs no
+  retry when that fails: the message reappears by itself when its lease lapses.
+- Nothing is lost while SQS is unreachable: deletes and send-backs are retried from the tick, and
+  journal entries stay until SQS takes them. Duplicates remain possible (at least once): a crash
+  between the journal write and the delete, or between a send-back and the entry's removal, and
+  SQS unreachable through a message's last 30 minutes of 12 h. Each case is logged.
 - Delivery count = ``ApproximateReceiveCount`` plus the attempts recorded on a copy sent back.
-- Errors never leave ``receive``/``tick``: refused credentials and network trouble are logged once
-  per outage (never the secret) and back off, capped exponential with full jitter.
+- SQS trouble never raises out of ``receive``, ``tick``, ``ack`` or ``requeue``: refused
+  credentials and network errors are logged once per outage (never the secret) and back off,
+  capped exponential with full jitter.
 """
 
-import base64
 import logging
 import random
 import re
@@ -40,8 +36,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+from botocore import exceptions as boto
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
 
 from agent import __version__
 from agent.errors import ConfigError
@@ -51,36 +47,36 @@ from agent.queues.journal import Entry, Journal
 log = logging.getLogger(__name__)
 
 ATTEMPTS_ATTRIBUTE = "studio-agent-attempts"
-MAX_INVISIBLE = 12 * 3600  # SQS's cap, from a message's receive
+SQS_CAP = 12 * 3600  # the most a message can stay invisible after a receive
 BACKOFF_MAX = 60.0
 RETRY_GAP = 1.0  # seconds between tries of a failed renewal or settlement of one message
-_CREDENTIALS = frozenset(
-    {"InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException",
-     "InvalidAccessKeyId", "ExpiredToken", "IncompleteSignature", "MissingAuthenticationToken"}
-)  # fmt: skip
-_DENIED = frozenset({"AccessDenied", "AccessDeniedException"})
-_QUEUE_GONE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
-_HANDLE_GONE = frozenset({"ReceiptHandleIsInvalid", "MessageNotInflight", "InvalidParameterValue"})
-_THROTTLED = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "OverLimit"})
+_CREDENTIALS = {"InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException",
+                "InvalidAccessKeyId", "ExpiredToken", "IncompleteSignature"}  # fmt: skip
+_DENIED = {"AccessDenied", "AccessDeniedException"}
+_QUEUE_GONE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
+_HANDLE_GONE = {"ReceiptHandleIsInvalid", "MessageNotInflight"}
+_THROTTLED = {"Throttling", "ThrottlingException", "RequestThrottled", "OverLimit"}
+_RETRY = {"credentials", "denied", "transient"}  # failure kinds that a later try may cure
 T = TypeVar("T")
 
 
 class _Failure(Exception):
-    """An SQS call failed; ``kind`` says what to do about it."""
+    """An SQS call failed: ``kind`` is one of _RETRY, queue_gone, handle_gone, cap, refused."""
 
     def __init__(self, kind: str, text: str):
         super().__init__(text)
-        self.kind = kind  # credentials, denied, queue_gone, handle_gone, transient, refused
-        self.text = text
+        self.kind, self.text = kind, text
 
 
 def _classify(exc: Exception) -> tuple[str, str]:
-    if not isinstance(exc, ClientError):
+    if isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError):
+        return "credentials", str(exc)
+    if not isinstance(exc, boto.ClientError):
         return "transient", f"{type(exc).__name__}: {exc}"
     error = exc.response.get("Error", {})
     code, message = str(error.get("Code", "")), str(error.get("Message", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-    # moto (and some proxies) put an XML error document where the JSON protocol expects a code.
+    # moto (and some proxies) answer the JSON protocol with an XML error document.
     inner = re.search(r"<Code>([^<]+)</Code>(?:.*?<Message>([^<]*)</Message>)?", message, re.S)
     if inner:
         code, message = inner.group(1), inner.group(2) or ""
@@ -89,38 +85,42 @@ def _classify(exc: Exception) -> tuple[str, str]:
         return "denied", text
     if code in _CREDENTIALS or status in (401, 403):
         return "credentials", text
-    if code in _QUEUE_GONE:
-        return "queue_gone", text
-    if code in _HANDLE_GONE:
-        return "handle_gone", text
+    if code in _QUEUE_GONE or code in _HANDLE_GONE:
+        return "queue_gone" if code in _QUEUE_GONE else "handle_gone", text
+    if code == "InvalidParameterValue" and "VisibilityTimeout" in message:
+        return "cap", text  # SQS counted the 12 h from earlier than we did
     if status >= 500 or status == 429 or code in _THROTTLED:
         return "transient", text
     return "refused", text
+
+
+def _int(value: object, default: int) -> int:
+    return int(str(value)) if str(value).isdigit() else default
 
 
 class SqsDelivery(Delivery):
     backend = "sqs"
 
     def __init__(self, owner: "SqsQueue", queue: str, url: str, message: dict[str, Any]):
-        self._owner = owner
-        self.queue, self.url = queue, url
+        self._owner, self.queue, self.url = owner, queue, url
         self.message_id = str(message["MessageId"])
         self.receipt = str(message["ReceiptHandle"])
         self.body = str(message["Body"]).encode()
+        given = message.get("MessageAttributes") or {}
+        # Kept across custody: String and Number attributes (StudioML sets none).
         self.attributes = {
-            k: v for k, v in (message.get("MessageAttributes") or {}).items()
-            if k != ATTEMPTS_ATTRIBUTE
-        }  # fmt: skip
+            k: {"DataType": v["DataType"], "StringValue": v["StringValue"]}
+            for k, v in given.items()
+            if k != ATTEMPTS_ATTRIBUTE and "StringValue" in v
+        }
         system = message.get("Attributes") or {}
         self.group_id = system.get("MessageGroupId")  # FIFO queues need it to send back
-        earlier = (message.get("MessageAttributes") or {}).get(ATTEMPTS_ATTRIBUTE, {})
-        self.delivery_count = _int(system.get("ApproximateReceiveCount"), 1) + _int(
-            earlier.get("StringValue"), 0
-        )
+        earlier = _int(given.get(ATTEMPTS_ATTRIBUTE, {}).get("StringValue"), 0)
+        self.delivery_count = _int(system.get("ApproximateReceiveCount"), 1) + earlier
         self.received_at = self.extended_at = time.monotonic()
         self.entry: Entry | None = None  # set once in the agent's custody
         self.in_sqs = True  # SQS still holds it under our receipt handle
-        self.pending: str | None = None  # "ack" or "return" once settled, until that is done
+        self.pending: str | None = None  # "ack" or "return", until SQS has done it
         self.next_try = 0.0
         self.complained = False
 
@@ -131,26 +131,8 @@ class SqsDelivery(Delivery):
         self._owner.settle(self, "return")
 
     def custody_meta(self) -> dict[str, Any]:
-        attributes = {}
-        for name, value in self.attributes.items():
-            kept = {k: v for k, v in value.items() if k in ("DataType", "StringValue")}
-            if "BinaryValue" in value:  # bytes: base64 in the JSON journal
-                kept["BinaryValue"] = base64.b64encode(value["BinaryValue"]).decode()
-            attributes[name] = kept
-        return {
-            "queue_url": self.url,
-            "message_id": self.message_id,
-            "attempts": self.delivery_count,
-            "attributes": attributes,
-            "group_id": self.group_id,
-        }
-
-
-def _int(value: object, default: int) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return default
+        names = ("url", "message_id", "delivery_count", "attributes", "group_id")
+        return {name: getattr(self, name) for name in names}
 
 
 class SqsQueue(QueueBackend):
@@ -174,31 +156,30 @@ class SqsQueue(QueueBackend):
     ):
         if not 0 <= wait_time <= 20:
             raise ConfigError(f"sqs {name}: wait_time {wait_time} is outside SQS's 0..20 s")
-        if visibility < 2 or max_invisible + visibility >= MAX_INVISIBLE:
+        if visibility < 2 or max_invisible + visibility >= SQS_CAP:
             raise ConfigError(f"sqs {name}: visibility + max_invisible must stay below 12 h")
         self.name, self.region, self.endpoint_url = name, region, endpoint_url
         self._keys = (access_key, secret_key, session_token)
-        self.filter = queue_filter
-        self.refresh, self.wait_time = refresh, wait_time
+        self.filter, self.refresh, self.wait_time = queue_filter, refresh, wait_time
         self.visibility, self.max_invisible = visibility, max_invisible
         self.journal = Journal(state_dir / "inflight" / "sqs" / name)
-        self._client: Any = None  # botocore client; no SQS stubs in the dev dependencies
+        self._client: Any = None  # a botocore SQS client (no SQS stubs among the dev tools)
         self._queues: dict[str, str] = {}  # served name -> URL
         self._ignored: set[str] = set()
         self._denied: set[str] = set()
         self._next, self._next_refresh = 0, 0.0
         self._retry_at, self._failures = 0.0, 0
-        self._outage: str | None = None  # the failure kind being logged; None when healthy
-        self._held: dict[str, SqsDelivery] = {}  # by receipt handle, until settled for good
+        self._outage: str | None = None  # the failure kind already logged; None when healthy
+        self._held: dict[str, SqsDelivery] = {}  # by receipt handle, until settled in SQS
         self._returns: list[Entry] = []  # journal entries SQS could not take back yet
 
     # -- calls and failures ----------------------------------------------------------------------
 
     def _sqs(self) -> Any:
         if self._client is None:
-            access_key, secret_key, token = self._keys
             config = Config(
-                retries={"total_max_attempts": 2, "mode": "standard"},  # we back off ourselves
+                # No retries inside a call: it would block the loop; the tick retries instead.
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=self.wait_time + 10,
                 user_agent_extra=f"studio-agent/{__version__}",
@@ -207,42 +188,39 @@ class SqsQueue(QueueBackend):
                 "sqs",
                 region_name=self.region,
                 endpoint_url=self.endpoint_url,
-                aws_access_key_id=access_key,
-                aws_secret_access_key=secret_key,
-                aws_session_token=token,
+                aws_access_key_id=self._keys[0],
+                aws_secret_access_key=self._keys[1],
+                aws_session_token=self._keys[2],
                 config=config,
             )
         return self._client
 
     def _call(self, request: Callable[[Any], T]) -> T:
-        """Run ``request(client)``; raise ``_Failure`` instead of botocore's errors."""
+        """``request(client)``, with botocore's errors turned into ``_Failure``."""
         try:
             result = request(self._sqs())
-        except (ClientError, BotoCoreError, ValueError) as exc:
+        except (boto.ClientError, boto.BotoCoreError, ValueError) as exc:
             kind, text = _classify(exc)
-            raise _Failure(kind, text.replace(self._keys[1], "***")) from exc
+            if self._keys[1]:  # botocore never puts the secret in a message; make sure
+                text = text.replace(self._keys[1], "***")
+            raise _Failure(kind, text) from exc
         if self._outage is not None:
             log.info("%s: SQS answers again", self.name)
-            self._outage = None
-        self._failures = 0
+        self._outage, self._failures = None, 0
         return result
 
     def _trouble(self, failure: _Failure, what: str) -> None:
-        """Back off from the whole credential, logging once per outage."""
+        """Back off from this credential's SQS, logging once per outage."""
         self._failures += 1
-        self._retry_at = time.monotonic() + random.uniform(
-            0, min(BACKOFF_MAX, 0.5 * 2**self._failures)
-        )
-        if failure.kind in ("credentials", "denied"):
-            line = (
-                f"SQS refused credential {self.name!r} (access key {self._keys[0]}): "
-                f"{failure.text}; fix or replace it, retrying with backoff"
-            )
-        else:
-            where = self.endpoint_url or f"region {self.region}"
-            line = f"SQS ({where}) failed: {failure.text}; retrying with backoff"
-        level = logging.DEBUG if self._outage == failure.kind else logging.ERROR
-        log.log(level, "%s: %s: %s", self.name, what, line)
+        delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
+        self._retry_at = time.monotonic() + delay
+        level, why = logging.ERROR, "SQS refused the request"
+        if failure.kind == "transient":
+            level, why = logging.WARNING, f"SQS at {self.endpoint_url or self.region} failed"
+        elif failure.kind in ("credentials", "denied"):
+            why = f"SQS refused the credential (access key {self._keys[0]})"
+        level = logging.DEBUG if self._outage == failure.kind else level
+        log.log(level, "%s: %s: %s: %s; retrying with backoff", self.name, what, why, failure.text)
         self._outage = failure.kind
 
     # -- discovery -------------------------------------------------------------------------------
@@ -274,8 +252,7 @@ class SqsQueue(QueueBackend):
     # -- taking ----------------------------------------------------------------------------------
 
     def receive(self) -> Delivery | None:
-        now = time.monotonic()
-        if now >= self._next_refresh and now >= self._retry_at:
+        if time.monotonic() >= max(self._next_refresh, self._retry_at):
             self._refresh_queues()
         if time.monotonic() < self._retry_at:
             return None
@@ -305,10 +282,9 @@ class SqsQueue(QueueBackend):
             self._receive_failed(queue, failure)
             return None
         self._denied.discard(queue)
-        messages = reply.get("Messages") or []
-        if not messages:
+        if not reply.get("Messages"):
             return None
-        delivery = SqsDelivery(self, queue, url, messages[0])
+        delivery = SqsDelivery(self, queue, url, reply["Messages"][0])
         self._held[delivery.receipt] = delivery
         return delivery
 
@@ -318,7 +294,7 @@ class SqsQueue(QueueBackend):
             self._queues.pop(queue, None)
             self._next_refresh = 0.0
         elif failure.kind == "denied":
-            # Listing worked, so this credential lacks rights on this queue only.
+            # Listing worked: this credential lacks rights on this queue only.
             if queue not in self._denied:
                 log.error("%s: not allowed to receive from %s: %s", self.name, queue, failure.text)
                 self._denied.add(queue)
@@ -329,7 +305,7 @@ class SqsQueue(QueueBackend):
     # -- leases and settling -----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Renew leases, finish settlements, send back returns, refresh the queue list."""
+        """Renew leases, take custody, finish settlements and returns, refresh the queue list."""
         now = time.monotonic()
         for delivery in list(self._held.values()):
             if now >= delivery.next_try and not self._advance_safely(delivery):
@@ -337,24 +313,18 @@ class SqsQueue(QueueBackend):
         if self._returns and now >= self._retry_at:
             pending, self._returns = self._returns, []
             self._send_all(pending)
-        if now >= self._next_refresh and now >= self._retry_at:
+        if now >= max(self._next_refresh, self._retry_at):
             self._refresh_queues()
 
     def settle(self, delivery: SqsDelivery, how: str) -> None:
-        """The supervisor's ack ("ack") or requeue ("return"); never raises for SQS trouble."""
+        """The supervisor's ack ("ack") or requeue ("return"); SQS trouble never raises."""
         if how == "return" and delivery.entry is None:
             self._held.pop(delivery.receipt, None)
             try:
                 self._call(lambda c: self._set_visibility(c, delivery, 0))
             except _Failure as failure:
-                log.warning(
-                    "%s: could not return message %s at once (%s); it returns when its lease "
-                    "lapses, within %.0fs",
-                    self.name,
-                    delivery.message_id,
-                    failure.text,
-                    self.visibility,
-                )
+                why = f"back when its lease lapses ({failure.text})"
+                log.warning("%s: message %s comes %s", self.name, delivery.message_id, why)
             return
         if how == "ack" and delivery.entry is not None:
             self.journal.drop(delivery.entry)
@@ -374,30 +344,24 @@ class SqsQueue(QueueBackend):
         return True
 
     def _advance(self, d: SqsDelivery, now: float) -> None:
-        if d.in_sqs:
-            if d.entry is None and d.pending is None and now - d.received_at >= self.max_invisible:
-                meta = d.custody_meta()
-                d.entry = self.journal.keep(d.queue, d.body, meta)  # before the delete
-                log.info(
-                    "%s: message %s from %s held %.0fs, near SQS's 12 h cap: in custody now",
-                    self.name,
-                    d.message_id,
-                    d.queue,
-                    now - d.received_at,
-                )
-            if d.entry is not None or d.pending == "ack":
-                self._call(lambda c: c.delete_message(QueueUrl=d.url, ReceiptHandle=d.receipt))
-                d.in_sqs = False
-            elif d.pending is None and now - d.extended_at >= self.visibility / 2:
+        if d.in_sqs and d.entry is None and d.pending is None:
+            if now - d.received_at >= self.max_invisible:
+                d.entry = self.journal.keep(d.queue, d.body, d.custody_meta())  # before delete
+                held = f"held {now - d.received_at:.0f}s, near SQS's 12 h cap"
+                log.info("%s: message %s %s: in custody", self.name, d.message_id, held)
+            elif now - d.extended_at >= self.visibility / 2:
                 self._call(lambda c: self._set_visibility(c, d, int(self.visibility)))
                 d.extended_at = now
-        if d.complained:
-            log.info("%s: message %s: SQS answers again", self.name, d.message_id)
-            d.complained = False
+        if d.in_sqs and (d.entry is not None or d.pending == "ack"):
+            self._call(lambda c: c.delete_message(QueueUrl=d.url, ReceiptHandle=d.receipt))
+            d.in_sqs = False
         if not d.in_sqs and d.pending is not None:
             if d.pending == "return" and d.entry is not None:
                 self._send_back(d.entry)
             self._held.pop(d.receipt, None)
+        if d.complained:
+            log.info("%s: message %s: SQS answers again", self.name, d.message_id)
+            d.complained = False
 
     def _set_visibility(self, client: Any, delivery: SqsDelivery, seconds: int) -> Any:
         return client.change_message_visibility(
@@ -406,36 +370,27 @@ class SqsQueue(QueueBackend):
 
     def _step_failed(self, d: SqsDelivery, failure: _Failure) -> bool:
         d.next_try = time.monotonic() + RETRY_GAP
-        if failure.kind in ("queue_gone", "handle_gone") and d.in_sqs:
-            # Deleted with its queue, or its lease lapsed and SQS gave it to someone else.
-            log.warning(
-                "%s: message %s from %s is no longer ours in SQS (%s); it may run twice",
-                self.name,
-                d.message_id,
-                d.queue,
-                failure.text,
-            )
-            d.in_sqs, d.next_try = False, 0.0
-            return True
-        if failure.kind == "queue_gone":  # a send-back: the entry stays for the next start
-            log.error(
-                "%s: queue %s is gone; message %s kept in %s",
-                self.name,
-                d.queue,
-                d.message_id,
-                self.journal.root / d.queue,
-            )
-            self._held.pop(d.receipt, None)
-            return True
-        self._complain(d, failure.text)
-        if failure.kind in ("credentials", "transient"):
+        if failure.kind in _RETRY:
+            self._complain(d, failure.text)
             self._trouble(failure, f"message {d.message_id}")
             return False
+        if not d.in_sqs:  # SQS refuses the copy sent back: the entry stays for the next start
+            self._kept(d.message_id, d.queue, failure)
+            self._held.pop(d.receipt, None)
+            return True
+        d.next_try = 0.0
+        if failure.kind == "cap" and d.entry is None and d.pending is None:
+            d.received_at = time.monotonic() - self.max_invisible  # custody while still ours
+            return True
+        # Deleted with its queue, or its lease lapsed and SQS may have handed it out again.
+        why = f"no longer ours in SQS ({failure.text}); it may run twice"
+        log.warning("%s: message %s from %s is %s", self.name, d.message_id, d.queue, why)
+        d.in_sqs = False
         return True
 
     def _complain(self, d: SqsDelivery, why: str) -> None:
         if not d.complained:
-            state = "in custody" if d.entry is not None else "its lease"
+            state = "in custody" if d.entry is not None else "leased"
             log.warning("%s: message %s (%s): %s; retrying", self.name, d.message_id, state, why)
             d.complained = True
 
@@ -444,16 +399,11 @@ class SqsQueue(QueueBackend):
     def _send_back(self, entry: Entry) -> None:
         """Send a journaled message back to its queue, then forget it; raises ``_Failure``."""
         meta = entry.meta
-        attributes = {}
-        for name, value in (meta.get("attributes") or {}).items():
-            kept = dict(value)
-            if "BinaryValue" in kept:
-                kept["BinaryValue"] = base64.b64decode(kept["BinaryValue"])
-            attributes[name] = kept
-        attempts = str(int(meta.get("attempts", 1)))
+        attributes = dict(meta.get("attributes") or {})
+        attempts = str(int(meta.get("delivery_count", 1)))
         attributes[ATTEMPTS_ATTRIBUTE] = {"DataType": "Number", "StringValue": attempts}
         params: dict[str, Any] = {
-            "QueueUrl": meta["queue_url"],
+            "QueueUrl": meta["url"],
             "MessageBody": entry.body.decode(),
             "MessageAttributes": attributes,
         }
@@ -470,32 +420,24 @@ class SqsQueue(QueueBackend):
                 self._send_back(entry)
                 sent += 1
             except _Failure as failure:
-                if failure.kind == "queue_gone" or failure.kind == "refused":
-                    log.error(
-                        "%s: cannot send message %s back to %s (%s); it stays in %s",
-                        self.name,
-                        entry.entry_id,
-                        entry.queue,
-                        failure.text,
-                        self.journal.root / entry.queue,
-                    )
+                if failure.kind not in _RETRY:
+                    self._kept(entry.entry_id, entry.queue, failure)
                     continue
                 self._trouble(failure, f"sending back to {entry.queue}")
                 self._returns.extend(entries[index:])
                 break
         return sent
 
+    def _kept(self, message: str, queue: str, failure: _Failure) -> None:
+        where = f"{failure.text}; kept in {self.journal.root / queue}"
+        log.error("%s: %s refuses message %s back: %s", self.name, queue, message, where)
+
     def recover(self) -> int:
         """Send back what a killed predecessor held in custody; entries SQS refuses stay."""
         return self._send_all(list(self.journal.entries()))
 
     def close(self) -> None:
-        for delivery in self._held.values():
-            if delivery.pending is not None:
-                log.warning(
-                    "%s: message %s closed before its %s reached SQS",
-                    self.name,
-                    delivery.message_id,
-                    delivery.pending,
-                )
+        for d in self._held.values():
+            if d.pending is not None:  # settled by the supervisor, not yet done in SQS
+                log.warning("%s: closing before the %s of %s", self.name, d.pending, d.message_id)
         self._client = None

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def drop_credential(certs: Path, name: str, broker: RabbitBroker, mode: int = 0o
     return path
 
 
-def status(lay: Layout) -> dict[str, object]:
+def status(lay: Layout) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "-m", "agent", "status", "--json", "--config", str(lay.config)],
         capture_output=True,
@@ -38,8 +39,12 @@ def status(lay: Layout) -> dict[str, object]:
         timeout=60,
         check=True,
     )
-    document: dict[str, object] = json.loads(result.stdout)
+    document: dict[str, Any] = json.loads(result.stdout)
     return document
+
+
+def rabbit_backends(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for b in report["backends"] if b["kind"] == "rabbitmq"]
 
 
 def test_a_dropped_credential_starts_work_within_a_second(
@@ -55,8 +60,8 @@ def test_a_dropped_credential_starts_work_within_a_second(
     agent.wait_for_log("credential rabbitmq/team1: subscribing")
     assert time.monotonic() - dropped < 2.0
     wait_until(lambda: finished(lay, request.key), what="experiment finished")
-    report = status(lay)
-    [backend] = [b for b in report["backends"] if b["kind"] == "rabbitmq"]  # type: ignore[attr-defined]
+    wait_until(lambda: rabbit_backends(status(lay)), what="the credential in status.json")
+    [backend] = rabbit_backends(status(lay))
     assert backend["name"] == "team1"
     assert backend["served"] == ["rmq_certs1"]
     assert agent.stop() == 0
@@ -74,7 +79,7 @@ def test_a_readable_credential_is_refused(
     assert "mode 0644 lets group or others read it" in agent.log()
     time.sleep(2)
     assert queue_depth(rabbitmq, "rmq_certs2") == 1  # nothing was taken with it
-    assert "rabbitmq/open" in status(lay)["refused"]  # type: ignore[operator]
+    wait_until(lambda: "rabbitmq/open" in status(lay)["refused"], what="refusal in status.json")
     assert agent.stop() == 0
     rabbitmq.delete_queue("rmq_certs2")
 

@@ -2,6 +2,8 @@
 
 Use it by importing the fixture into a test module (or listing this module in
 ``pytest_plugins``): ``from tests.services.s3 import s3_server  # noqa: F401``.
+``s3_tls_server`` is a second one serving HTTPS (moto's own ``--ssl-cert``/``--ssl-key``) with
+the certificate of ``tls_material`` (tests/services/tls.py), a private CA.
 """
 
 import json
@@ -18,6 +20,8 @@ from typing import IO, TYPE_CHECKING
 import boto3
 import pytest
 from botocore.config import Config
+
+from tests.services.tls import TlsMaterial
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -53,11 +57,16 @@ class S3Server:
     Authentication is enforced (moto's INITIAL_NO_AUTH_ACTION_COUNT = 0): ``access_key`` and
     ``secret_key`` belong to an IAM user allowed everything; other keys are refused with
     InvalidAccessKeyId or SignatureDoesNotMatch, as a real server would. ``make_user`` adds more.
+
+    With ``tls`` it serves HTTPS only, with that material's certificate for 127.0.0.1:
+    ``endpoint`` is ``https://127.0.0.1:PORT``, and its own clients (``client()``, provisioning)
+    trust ``tls.ca`` and nothing else.
     """
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, tls: TlsMaterial | None = None) -> None:
         self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.region = REGION
         self.access_key = ""
         self.secret_key = ""
@@ -69,8 +78,11 @@ class S3Server:
         if self._proc is not None and self._proc.poll() is None:
             return
         self._log = self._log_path.open("ab")
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        if self.tls is not None:
+            command += ["--ssl-cert", str(self.tls.cert), "--ssl-key", str(self.tls.key)]
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -97,7 +109,7 @@ class S3Server:
             if self._proc.poll() is not None:
                 break
             try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).close()
+                self._open(urllib.request.Request(f"{self.endpoint}/moto-api/"), timeout=1)
                 return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.05)
@@ -112,7 +124,16 @@ class S3Server:
             method="POST",
             headers={"Content-Type": "text/plain"},  # moto reads the raw body, not a form
         )
-        urllib.request.urlopen(request, timeout=10).close()
+        self._open(request, timeout=10)
+
+    def _open(self, request: urllib.request.Request, timeout: float) -> None:
+        context = self.tls.client_context() if self.tls else None
+        urllib.request.urlopen(request, timeout=timeout, context=context).close()
+
+    @property
+    def verify(self) -> str | bool:
+        """boto3's ``verify`` for this server: the CA bundle with TLS, else the default."""
+        return str(self.tls.ca) if self.tls else True
 
     def _provision(self) -> tuple[str, str]:
         self._moto_api(f"seed?a={SEED}")
@@ -129,6 +150,7 @@ class S3Server:
             region_name=self.region,
             aws_access_key_id=keys[0],
             aws_secret_access_key=keys[1],
+            verify=self.verify,
         )
         iam.create_user(UserName=name)
         if actions:
@@ -150,6 +172,7 @@ class S3Server:
             region_name=self.region,
             aws_access_key_id=access_key or self.access_key,
             aws_secret_access_key=secret_key or self.secret_key,
+            verify=self.verify,
             config=Config(
                 s3={"addressing_style": "path"},
                 request_checksum_calculation="when_required",
@@ -170,6 +193,19 @@ class S3Server:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One moto server for the session; fails (never skips) when it cannot start."""
     server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_tls_server(
+    tmp_path_factory: pytest.TempPathFactory, tls_material: TlsMaterial
+) -> Iterator[S3Server]:
+    """A second moto server, HTTPS only, with ``tls_material``'s certificate (a private CA)."""
+    server = S3Server(tmp_path_factory.mktemp("s3-tls") / "moto.log", tls=tls_material)
     server.start()
     try:
         yield server
