@@ -3,9 +3,11 @@
 Delivery semantics:
 - Queues are found with ``ListQueues`` (paginated), named by the last segment of their URL,
   filtered by the regexes, and refreshed every ``refresh`` seconds.
-- ``receive`` long-polls one served queue per call, round-robin, for ``wait_time`` seconds, which
-  is how long a call may block the supervisor's loop (signals, settling, other backends). Longer
-  polls would cost fewer requests (AWS bills per request); 1 s keeps the loop responsive.
+- ``receive`` polls one served queue per call, round-robin, waiting ``wait_time`` seconds (0 by
+  default: a wait blocks the supervisor's loop, and with it signals, settling and every other
+  backend). A queue found empty is not asked again for ``idle_poll`` seconds, which bounds the
+  requests (AWS bills per request) at about one a second per idle queue while a message still
+  starts within about a second.
 - Lease: a message received is invisible for ``visibility`` seconds, renewed from the tick when
   half of that has passed. A failed renewal or settlement is retried every second and logged
   once. A killed agent just stops renewing: its messages reappear within ``visibility`` seconds.
@@ -130,6 +132,10 @@ class SqsDelivery(Delivery):
     def requeue(self) -> None:
         self._owner.settle(self, "return")
 
+    def extend_lease(self, seconds: float) -> None:
+        """The tick renews leases by itself; this asks for ``seconds`` at once (best effort)."""
+        self._owner.extend(self, seconds)
+
     def custody_meta(self) -> dict[str, Any]:
         names = ("url", "message_id", "delivery_count", "attributes", "group_id")
         return {name: getattr(self, name) for name in names}
@@ -152,7 +158,8 @@ class SqsQueue(QueueBackend):
         refresh: float = 30.0,
         visibility: float = 60.0,
         max_invisible: float = 11.5 * 3600,
-        wait_time: int = 1,
+        wait_time: int = 0,
+        idle_poll: float = 1.0,
     ):
         if not 0 <= wait_time <= 20:
             raise ConfigError(f"sqs {name}: wait_time {wait_time} is outside SQS's 0..20 s")
@@ -162,6 +169,8 @@ class SqsQueue(QueueBackend):
         self._keys = (access_key, secret_key, session_token)
         self.filter, self.refresh, self.wait_time = queue_filter, refresh, wait_time
         self.visibility, self.max_invisible = visibility, max_invisible
+        self.idle_poll = idle_poll
+        self._quiet_until: dict[str, float] = {}  # queue -> when an empty queue is asked again
         self.journal = Journal(state_dir / "inflight" / "sqs" / name)
         self._client: Any = None  # a botocore SQS client (no SQS stubs among the dev tools)
         self._queues: dict[str, str] = {}  # served name -> URL
@@ -259,7 +268,7 @@ class SqsQueue(QueueBackend):
         names = list(self._queues)
         for offset in range(len(names)):
             queue = names[(self._next + offset) % len(names)]
-            if not self.paused(queue):
+            if not self.paused(queue) and time.monotonic() >= self._quiet_until.get(queue, 0.0):
                 # One queue per call: a call blocks the loop for one long poll at most.
                 self._next = (self._next + offset + 1) % len(names)
                 return self._receive_from(queue)
@@ -283,6 +292,7 @@ class SqsQueue(QueueBackend):
             return None
         self._denied.discard(queue)
         if not reply.get("Messages"):
+            self._quiet_until[queue] = time.monotonic() + self.idle_poll
             return None
         delivery = SqsDelivery(self, queue, url, reply["Messages"][0])
         self._held[delivery.receipt] = delivery
@@ -362,6 +372,17 @@ class SqsQueue(QueueBackend):
         if d.complained:
             log.info("%s: message %s: SQS answers again", self.name, d.message_id)
             d.complained = False
+
+    def extend(self, delivery: SqsDelivery, seconds: float) -> None:
+        if not delivery.in_sqs or delivery.entry is not None:
+            return  # in our custody: no lease left to extend
+        limit = max(2, min(int(seconds), SQS_CAP - 60))
+        try:
+            self._call(lambda c: self._set_visibility(c, delivery, limit))
+        except _Failure as failure:
+            log.warning("%s: extending %s failed: %s", self.name, delivery.message_id, failure)
+            return
+        delivery.extended_at = time.monotonic() + max(0.0, limit - self.visibility)
 
     def _set_visibility(self, client: Any, delivery: SqsDelivery, seconds: int) -> Any:
         return client.change_message_visibility(

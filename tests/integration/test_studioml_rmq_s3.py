@@ -74,14 +74,10 @@ def test_client_submits_over_rabbitmq_and_reads_results_from_s3(
     key = "rmqs3exp1"
     args = ["10", "hello world", "it's", "--lr=0.1"]
     submit = [f"--config={config}", "--queue", "rmq_e2e", "-e", key, "train.py", *args]
-    subprocess.run(
-        ["studio-run", *submit],
-        cwd=workspace,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
+    submitted = subprocess.run(
+        ["studio-run", *submit], cwd=workspace, env=env, capture_output=True, text=True, timeout=180
     )
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
 
     lay = layout(
         amqp_url=rabbitmq.amqp_url,
