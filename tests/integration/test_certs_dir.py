@@ -138,3 +138,34 @@ def test_rotating_a_credential_keeps_running_work(
     assert agent.stop() == 0
     assert sorted(runs.read_text().splitlines()) == sorted([first.key, second.key])
     assert queue_depth(rabbitmq, "rmq_certs4") == 0
+
+
+def test_a_kubernetes_style_secret_swap_is_a_rotation(
+    rabbitmq: RabbitBroker, layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
+    """A Kubernetes secret volume: ``team -> ..data/team``, ``..data -> ..<timestamp>``; an
+    update writes a new timestamped folder and renames a new ``..data`` link over the old one."""
+    lay = layout(queue_match="^rmq_certs5$", amqp_refresh="1s")
+    mount = lay.root / "certs" / "rabbitmq"
+    mount.mkdir(parents=True, mode=0o700)
+
+    def publish_secret(version: str, text: str) -> None:
+        folder = mount / f"..{version}"
+        folder.mkdir(mode=0o700)
+        private_file = folder / "team5"
+        private_file.write_text(text)
+        private_file.chmod(0o600)
+        link = mount / "..data_tmp"
+        link.symlink_to(folder.name)
+        link.rename(mount / "..data")  # the atomic swap
+
+    publish_secret("v1", f"{rabbitmq.amqp_url}\n{rabbitmq.mgmt_url}\n")
+    (mount / "team5").symlink_to("..data/team5")
+    agent = start_agent(lay)
+    agent.wait_for_log("credential rabbitmq/team5: subscribing")
+    publish_secret("v2", f"{rabbitmq.amqp_url}?heartbeat=20\n{rabbitmq.mgmt_url}\n")
+    agent.wait_for_log("its file changed (rotation)")
+    request = submit_rmq(rabbitmq, lay, COUNTED, str(tmp_path / "runs"), "0", queue="rmq_certs5")
+    wait_until(lambda: finished(lay, request.key), what="served after the swap")
+    assert agent.stop() == 0
+    assert "..data" not in agent.log().replace("..data/team5", "")  # no credential named ..data
