@@ -34,6 +34,7 @@ from agent.errors import AgentError, BadRequest, ConfigError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.queues.base import Delivery, QueueBackend
+from agent.report.notify import Notifier
 from agent.request import parse_request
 from agent.settings import Settings
 from agent.status import write_status
@@ -57,11 +58,14 @@ class Supervisor:
         subscriptions: Subscriptions,
         executor: Executor,
         watcher: CertsWatcher | None = None,
+        notifier: Notifier | None = None,
     ):
         self.settings = settings
         self.subscriptions = subscriptions
         self.executor = executor
         self.watcher = watcher
+        self.notifier = notifier or Notifier()
+        self._next_extend = 0.0
         self._hup = False
         self._next_scan = 0.0
         self._next_status = 0.0
@@ -90,6 +94,7 @@ class Supervisor:
         self.recover()
         if self.watcher is not None:
             self.watcher.start()
+        self.notifier.ready(self.status_text())
         log.info(
             "studio-agent ready: %d slot(s), queues under %s matching %r",
             self.settings.max_concurrent,
@@ -103,6 +108,7 @@ class Supervisor:
         for backend in self.subscriptions.everything():
             backend.close()
         self._write_status("stopped")
+        self.notifier.close()
         log.info("studio-agent stopped")
         return 0
 
@@ -115,6 +121,9 @@ class Supervisor:
             backend.tick()
         self.subscriptions.close_idle(job.backend for job in self.jobs.values())
         self._maybe_write_status()
+        self.notifier.watchdog()  # from the loop itself: a hung loop stops the pings
+        if self.notifier.enabled:
+            self.notifier.status(self.status_text())
         if self._stop_requests:
             if not self._drain_step():
                 return False
@@ -187,6 +196,17 @@ class Supervisor:
         found, refused = scan(self.watcher.certs)
         if self.subscriptions.sync(found, refused):
             self._next_status = 0.0  # show the change in status.json at once
+
+    def status_text(self) -> str:
+        """One line for ``systemctl status``."""
+        if self._stop_requests:
+            left = max((self._drain_deadline or time.monotonic()) - time.monotonic(), 0.0)
+            return f"draining, {len(self.jobs)} experiment(s), {left:.0f} s left"
+        if self.jobs:
+            keys = ", ".join(job.run.request.key for job in self.jobs.values())
+            return f"running {len(self.jobs)} experiment(s): {keys}"
+        queues = sum(len(b.served_queues()) for b in self.backends)
+        return f"idle, {queues} queue(s)"
 
     def _maybe_write_status(self) -> None:
         if time.monotonic() >= self._next_status:
@@ -333,6 +353,7 @@ class Supervisor:
         now = time.monotonic()
         if self._drain_deadline is None:
             self._drain_deadline = now + self.settings.drain_timeout
+            self.notifier.stopping(self.status_text())
             log.info(
                 "draining: %d experiment(s) running, up to %.0fs",
                 len(self.jobs),
@@ -342,6 +363,12 @@ class Supervisor:
             self._drain_deadline = min(self._drain_deadline, now)
         if not self.jobs:
             return False
+        if now >= self._next_extend:
+            # Ask systemd for the drain's remaining time plus room to stop and upload, so its
+            # TimeoutStopSec= need not cover the longest drain.
+            self._next_extend = now + 5.0
+            left = max(self._drain_deadline - now, 0.0)
+            self.notifier.extend_timeout(left + self.settings.kill_grace + 60.0)
         if now >= self._drain_deadline and not self._cancelled:
             log.warning(
                 "drain time is up: stopping %d experiment(s); their messages go back",

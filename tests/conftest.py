@@ -100,10 +100,11 @@ def submit_script(
 class AgentProcess:
     """``studio-agent run`` as a real subprocess, so signals and exit codes are the real ones."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(self, config: Path, log: Path, extra_env: dict[str, str] | None = None):
         self.log_path = log
         self._log = log.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STUDIO_AGENT_")}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(config)],
             stdout=self._log,
@@ -137,11 +138,11 @@ class AgentProcess:
 
 
 @pytest.fixture
-def start_agent(tmp_path: Path) -> Iterator[Callable[[Layout], AgentProcess]]:
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(lay: Layout) -> AgentProcess:
-        agent = AgentProcess(lay.config, tmp_path / f"agent-{len(started)}.log")
+    def start(lay: Layout, extra_env: dict[str, str] | None = None) -> AgentProcess:
+        agent = AgentProcess(lay.config, tmp_path / f"agent-{len(started)}.log", extra_env)
         started.append(agent)
         return agent
 
