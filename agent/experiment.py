@@ -5,6 +5,7 @@ decides what that means for the message. An experiment can therefore run with no
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -184,11 +185,16 @@ class ExperimentRun:
         if self.recorder is not None:
             self.recorder.note(text)
 
+    @functools.cached_property
+    def base_env(self) -> dict[str, str]:
+        """The clean environment both the executor and the child start from."""
+        return clean_env(self.settings, self.home / "tmp")
+
     def _prepare(self) -> Launch:
-        return self.executor.prepare(self.ctx, clean_env(self.settings, self.home / "tmp"))
+        return self.executor.prepare(self.ctx, self.base_env)
 
     def child_env(self, launch: Launch) -> dict[str, str]:
-        env = clean_env(self.settings, self.home / "tmp")
+        env = dict(self.base_env)
         env.update(launch.env)
         for name, value in self.request.config.env.items():
             env[name] = expand_percent(value, env)

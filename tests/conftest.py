@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated agent layout per test, a real agent process, a real submitter."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -179,3 +181,31 @@ def client_env(venv: Path, home: Path) -> dict[str, str]:
         PATH=f"{venv / 'bin'}:{env['PATH']}", STUDIOML_HOME=str(home), STUDIOML_DUMMY_MODE="1"
     )
     return env
+
+
+_READ_BACK = """
+import json, sys
+from studio import model
+config = model.get_config(sys.argv[1])
+with model.get_db_provider(config) as db:
+    experiment = db.get_experiment(sys.argv[2])
+    paths = {label: db.get_artifact(experiment.artifacts[label]) for label in sys.argv[3:]}
+print(json.dumps({"status": experiment.status, "paths": paths}))
+"""
+
+
+def client_read_back(
+    venv: Path, config: Path, key: str, workspace: Path, env: dict[str, str], *labels: str
+) -> dict[str, Any]:
+    """What the studioml client's own code downloads: its record's status and each label's path."""
+    read = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", _READ_BACK, str(config), key, *labels],
+        cwd=workspace,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    result: dict[str, Any] = json.loads(read.stdout.strip().splitlines()[-1])
+    return result

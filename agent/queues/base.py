@@ -5,9 +5,11 @@ A backend hands out ``Delivery`` objects; the supervisor is the only caller of `
 message must go back for another agent (requeue).
 """
 
+import logging
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -68,6 +70,26 @@ class QueueBackend(ABC):
         first = self._not_served.get(queue) != reason
         self._not_served[queue] = reason
         return first
+
+    def announce(
+        self,
+        logger: logging.Logger,
+        served: list[str],
+        previous: list[str],
+        skipped: Mapping[str, str],
+        noun: str = "queues",
+    ) -> None:
+        """After a discovery: log why each visible queue is not served (once per reason, and
+        kept for ``studio-agent status``) and the served list whenever it changes."""
+        who = self.name or self.kind
+        # Only what is visible and skipped now: status must not list a queue gone or now served.
+        kept = getattr(self, "_not_served", {})
+        self._not_served = {q: r for q, r in kept.items() if q in skipped}
+        for queue, reason in sorted(skipped.items()):
+            if self.not_serving(queue, reason):
+                logger.info("%s: not serving %s: %s", who, queue, reason)
+        if served != previous:
+            logger.info("%s: serving %s %s", who, noun, ", ".join(served) or "(none)")
 
     def describe(self) -> dict[str, object]:
         """What ``studio-agent status`` shows for this backend."""

@@ -198,7 +198,6 @@ class PubSubQueue(QueueBackend):
         self._ready: deque[_Pulled] = deque()
         self._held: dict[str, _Lease] = {}
         self._subs: list[_Sub] = []
-        self._ignored: set[str] = set()  # subscriptions whose exclusion was logged
         self._next = 0
         self._next_refresh = 0.0
         self._retry_at = 0.0
@@ -225,9 +224,8 @@ class PubSubQueue(QueueBackend):
 
     def _gone(self, sub: _Sub) -> None:
         # Once: a listing that still shows it (eventual consistency) must not repeat the line.
-        if sub.name not in self._ignored:
+        if self.not_serving(sub.name, "the subscription no longer exists"):
             log.warning("%s: subscription %s no longer exists; not serving it", self.name, sub.name)
-        self._ignored.add(sub.name)
         self._subs = [s for s in self._subs if s.path != sub.path]
 
     # -- discovery -----------------------------------------------------------------------------
@@ -244,19 +242,17 @@ class PubSubQueue(QueueBackend):
             self._outage(f"listing the subscriptions of project {self.project}", exc)
             return
         self._ok()
-        served = []
+        served, skipped = [], {}
         for sub in sorted(found, key=lambda s: s.name):
             short = sub.name.rsplit("/", 1)[-1]
             why = why_not_served(sub, self.filter)
             if not why:
                 counted = bool(sub.dead_letter_policy.dead_letter_topic)
                 served.append(_Sub(short, sub.name, sub.ack_deadline_seconds or 10, counted))
-            elif short not in self._ignored:
-                log.info("%s: not serving %s: %s", self.name, short, why)
-                self._ignored.add(short)
-        if [s.name for s in served] != [s.name for s in self._subs]:
-            names = ", ".join(s.name for s in served) or "(none)"
-            log.info("%s: serving subscriptions %s", self.name, names)
+            else:
+                skipped[short] = why
+        previous = [s.name for s in self._subs]
+        self.announce(log, [s.name for s in served], previous, skipped, "subscriptions")
         self._subs = served
 
     def served_queues(self) -> list[str]:

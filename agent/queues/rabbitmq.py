@@ -239,11 +239,8 @@ class RabbitQueue(QueueBackend):
             }
         )
         served = [n for n in names if self.filter.allows(n)]
-        for name in sorted(set(names) - set(served)):
-            if self.not_serving(name, self.filter.why_not(name)):
-                log.info("%s: not serving %s: %s", self.name, name, self.filter.why_not(name))
-        if served != self._queues:
-            log.info("%s: serving queues %s", self.name, ", ".join(served) or "(none)")
+        skipped = {n: self.filter.why_not(n) for n in names if n not in served}
+        self.announce(log, served, self._queues, skipped)
         self._queues = served
 
     def served_queues(self) -> list[str]:

@@ -174,7 +174,6 @@ class SqsQueue(QueueBackend):
         self.journal = Journal(state_dir / "inflight" / "sqs" / name)
         self._client: Any = None  # a botocore SQS client (no SQS stubs among the dev tools)
         self._queues: dict[str, str] = {}  # served name -> URL
-        self._ignored: set[str] = set()
         self._denied: set[str] = set()
         self._next, self._next_refresh = 0, 0.0
         self._retry_at, self._failures = 0.0, 0
@@ -248,11 +247,8 @@ class SqsQueue(QueueBackend):
         self._next_refresh = time.monotonic() + self.refresh
         names = {url.rstrip("/").rsplit("/", 1)[-1]: url for url in urls}
         served = {n: u for n, u in sorted(names.items()) if self.filter.allows(n)}
-        for name in sorted(set(names) - set(served) - self._ignored):
-            log.info("%s: not serving %s: %s", self.name, name, self.filter.why_not(name))
-            self._ignored.add(name)
-        if served != self._queues:
-            log.info("%s: serving queues %s", self.name, ", ".join(served) or "(none)")
+        skipped = {n: self.filter.why_not(n) for n in names if n not in served}
+        self.announce(log, list(served), list(self._queues), skipped)
         self._queues = served
 
     def served_queues(self) -> list[str]:

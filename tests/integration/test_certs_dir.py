@@ -18,6 +18,11 @@ from tests.services.rabbitmq import RabbitBroker
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
 Start = Callable[[Layout], AgentProcess]
+# COUNTED, but running until the file named by its second argument exists.
+WAITS_FOR_RELEASE = COUNTED.replace(
+    "time.sleep(float(sys.argv[2]))",
+    "import pathlib\nwhile not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)",
+)
 
 
 def drop_credential(certs: Path, name: str, broker: RabbitBroker, mode: int = 0o600) -> Path:
@@ -89,11 +94,9 @@ def test_removing_a_credential_lets_running_work_finish_and_takes_no_more(
 ) -> None:
     lay = layout(queue_match="^rmq_certs3$", amqp_refresh="1s", max_concurrent=1)
     runs, release = tmp_path / "runs", tmp_path / "release"
-    wait_script = COUNTED.replace(
-        "time.sleep(float(sys.argv[2]))",
-        "import pathlib\nwhile not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)",
+    first = submit_rmq(
+        rabbitmq, lay, WAITS_FOR_RELEASE, str(runs), str(release), queue="rmq_certs3"
     )
-    first = submit_rmq(rabbitmq, lay, wait_script, str(runs), str(release), queue="rmq_certs3")
     credential = drop_credential(lay.root / "certs", "team3", rabbitmq)
     agent = start_agent(lay)
     wait_until(lambda: runs.exists(), what="experiment started")
@@ -117,11 +120,9 @@ def test_rotating_a_credential_keeps_running_work(
 ) -> None:
     lay = layout(queue_match="^rmq_certs4$", amqp_refresh="1s", max_concurrent=2)
     runs, release = tmp_path / "runs", tmp_path / "release"
-    wait_script = COUNTED.replace(
-        "time.sleep(float(sys.argv[2]))",
-        "import pathlib\nwhile not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)",
+    first = submit_rmq(
+        rabbitmq, lay, WAITS_FOR_RELEASE, str(runs), str(release), queue="rmq_certs4"
     )
-    first = submit_rmq(rabbitmq, lay, wait_script, str(runs), str(release), queue="rmq_certs4")
     credential = drop_credential(lay.root / "certs", "team4", rabbitmq)
     agent = start_agent(lay)
     wait_until(lambda: runs.exists(), what="experiment started")

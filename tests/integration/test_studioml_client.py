@@ -9,19 +9,9 @@ import pytest
 import yaml
 
 from agent.request import parse_request
-from tests.conftest import AgentProcess, Layout, client_env, wait_until
+from tests.conftest import AgentProcess, Layout, client_env, client_read_back, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.studioml]
-
-READ_BACK = """
-import json, sys
-from studio import model
-config = model.get_config(sys.argv[1])
-db = model.get_db_provider(config)
-experiment = db.get_experiment(sys.argv[2])
-paths = {label: db.get_artifact(experiment.artifacts[label]) for label in ("output", "modeldir")}
-print(json.dumps({"status": experiment.status, "paths": paths}))
-"""
 
 TRAIN = """
 import os, sys
@@ -94,16 +84,7 @@ def test_client_submission_served_and_read_back(
     assert agent.stop() == 0
     assert not list((home / "queue" / "local_x").iterdir())
 
-    read = subprocess.run(
-        [str(client_venv / "bin" / "python"), "-c", READ_BACK, str(config), key],
-        cwd=workspace,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    result = json.loads(read.stdout.strip().splitlines()[-1])
+    result = client_read_back(client_venv, config, key, workspace, env, "output", "modeldir")
     assert result["status"] == "finished"
     output = (Path(result["paths"]["output"]) / "output").read_text()
     assert "training with ['10', 'hello world']\ndone\n" in output

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import AgentProcess, Layout, client_env, wait_until
+from tests.conftest import AgentProcess, Layout, client_env, client_read_back, wait_until
 from tests.services.rabbitmq import RabbitBroker
 from tests.services.s3 import S3Server
 
@@ -27,17 +27,6 @@ open(os.path.join(mapping["modeldir"], "weights.txt"), "w").write("w=42")
 with open(os.path.join(mapping["retval"], "retval"), "wb") as out:
     pickle.dump({"answer": 42, "args": sys.argv[1:]}, out, protocol=2)
 print("done")
-"""
-
-READ_BACK = """
-import json, sys
-from studio import model
-config = model.get_config(sys.argv[1])
-with model.get_db_provider(config) as db:
-    experiment = db.get_experiment(sys.argv[2])
-    paths = {label: db.get_artifact(experiment.artifacts[label])
-             for label in ("output", "modeldir", "retval")}
-print(json.dumps(paths))
 """
 
 
@@ -97,16 +86,8 @@ def test_client_submits_over_rabbitmq_and_reads_results_from_s3(
     wait_until(lambda: "completed" in agent.log(), what="experiment completed")
     assert agent.stop() == 0
 
-    read = subprocess.run(
-        [str(client_venv / "bin" / "python"), "-c", READ_BACK, str(config), key],
-        cwd=workspace,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    paths = json.loads(read.stdout.strip().splitlines()[-1])
+    labels = ("output", "modeldir", "retval")
+    paths = client_read_back(client_venv, config, key, workspace, env, *labels)["paths"]
     output = (Path(paths["output"]) / "output").read_text()
     assert f"args {json.dumps(args)}\n" in output
     assert "line with trailing spaces   \ndone\n" in output
