@@ -54,6 +54,7 @@ class Outcome:
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     uploaded_bytes: int = 0
+    output_tail: str = ""  # the last lines of the experiment's output, for reports
 
 
 def clean_env(settings: Settings, tmpdir: Path) -> dict[str, str]:
@@ -324,11 +325,21 @@ class ExperimentRun:
                 outcome.status, outcome.transient = "error", True
                 outcome.detail = f"results not saved: {exc}"
         outcome.finished = time.time()
+        outcome.output_tail = self._output_tail()
         if self.settings.update_local_db and not outcome.transient:
             database.mark_finished(self.request.config, self.request.key, "finished")
         if not self.settings.keep_workdir:
             shutil.rmtree(self.home, ignore_errors=True)
         return outcome
+
+    def _output_tail(self, limit: int = 2000) -> str:
+        """The end of the output file (read before the run directory is removed)."""
+        try:
+            with self.ctx.output_file.open("rb") as out:
+                out.seek(max(out.seek(0, os.SEEK_END) - limit, 0))
+                return out.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def _note(self, text: str) -> None:
         """A line from the agent in the experiment's own output, where its user will look."""

@@ -51,8 +51,12 @@ GO_ALIASES: dict[str, str] = {
     "amqp_mgmt_url": "AMQP_MGT_URL",
     "certs_dir": "CERTS_DIR",
     "pubsub_emulator_host": "PUBSUB_EMULATOR_HOST",
+    "slack_hook": "SLACK_HOOK",
+    "slack_room": "SLACK_ROOM",
+    "metrics_address": "PROM_ADDRESS",
 }
-SECRET_FIELDS: frozenset[str] = frozenset()
+# A Slack incoming-webhook URL is itself the credential: whoever has it can post.
+SECRET_FIELDS: frozenset[str] = frozenset({"slack_hook"})
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):[^@/]*@", re.I)
 
 
@@ -67,6 +71,8 @@ def _regex(value: str) -> str:
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 Regex = Annotated[str, AfterValidator(_regex)]
+ImageSource = Literal["docker", "library", "oras", "shub", "s3", "file"]
+IMAGE_SOURCES: tuple[ImageSource, ...] = ("docker", "library", "oras", "shub", "s3", "file")
 
 
 def _home() -> Path:
@@ -127,7 +133,20 @@ class Settings(BaseSettings):
     retry_backoff: Duration = parse_duration("10s")
     metadata_layout: Literal["artifact", "go"] = "artifact"
     metadata_max_bytes: Size = parse_size("1MiB")
-    executor: Literal["venv"] = "venv"
+    executor: Literal["venv", "singularity"] = "venv"
+    # -- containers (executor singularity, or a request with a _singularity artifact) --
+    container_image: str = ""  # default image when a request names none
+    container_sources: list[ImageSource] = Field(default_factory=lambda: list(IMAGE_SOURCES))
+    container_options: list[str] = Field(default_factory=list)  # extra `exec` flags
+    # -- resources (admission) --
+    admission_backoff: Duration = parse_duration("30s")  # a queue whose request does not fit now
+    never_fit_backoff: Duration = parse_duration("10m")  # ... and one that can never fit here
+    # -- reporting --
+    slack_hook: str = ""
+    slack_room: str = ""
+    metrics_address: str = "127.0.0.1:9090"  # host:port for /metrics; empty turns it off
+    journal_output: bool = False  # copy experiments' output lines into the journal too
+    start_budget: Duration = parse_duration("60s")  # required backends must answer in this
     installer: Literal["auto", "uv", "pip"] = "auto"
     python_interpreters: list[Path] = Field(default_factory=list)
     python_nearest: bool = False

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from agent.credentials import Credential
 from agent.queues import build_backend
 from agent.queues.base import QueueBackend, QueueFilter
+from agent.report.events import Event, Events
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ def backend_for(credential: Credential, settings: Settings) -> QueueBackend:
 
 
 class Subscriptions:
-    def __init__(self, settings: Settings, static: Iterable[QueueBackend]):
+    def __init__(
+        self, settings: Settings, static: Iterable[QueueBackend], events: Events | None = None
+    ):
         self.settings = settings
+        self.events = events or Events()
         self.static = list(static)
         self.dynamic: dict[str, tuple[Credential, QueueBackend]] = {}
         self.retiring: list[QueueBackend] = []
@@ -72,7 +76,7 @@ class Subscriptions:
         before = (set(self.dynamic), len(self.retiring), dict(self.refused))
         for ident, reason in refused.items():
             if self.refused.get(ident) != reason:
-                log.error("credential %s refused: %s", ident, reason)
+                self._report_refused(ident, reason)
         self.refused = dict(refused)
         for ident in list(self.dynamic):
             if ident not in credentials:
@@ -92,7 +96,7 @@ class Subscriptions:
             backend = backend_for(credential, self.settings)
         except Exception as exc:  # a vendor SDK refusing the settings must not stop the agent
             self.refused[credential.ident] = f"cannot use it: {type(exc).__name__}: {exc}"
-            log.error("credential %s refused: %s", credential.ident, self.refused[credential.ident])
+            self._report_refused(credential.ident, self.refused[credential.ident])
             return
         self.dynamic[credential.ident] = (credential, backend)
         log.info("credential %s: subscribing (from %s)", credential.ident, credential.source)
@@ -100,6 +104,16 @@ class Subscriptions:
             # A rotation shares its journal with the backend it replaces, which still settles
             # its own messages: only a credential new to this agent takes back leftovers.
             backend.recover()
+
+    def _report_refused(self, ident: str, reason: str) -> None:
+        self.events.emit(
+            Event(
+                "credential_refused",
+                f"credential {ident} refused: {reason}",
+                {"CREDENTIAL": ident},
+                level=logging.ERROR,
+            )
+        )
 
     def _retire(self, ident: str, why: str) -> None:
         _, backend = self.dynamic.pop(ident)

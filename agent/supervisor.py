@@ -34,8 +34,9 @@ from agent.errors import AgentError, BadRequest, ConfigError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.queues.base import Delivery, QueueBackend
+from agent.report.events import Event, Events
 from agent.report.notify import Notifier
-from agent.request import parse_request
+from agent.request import Request, parse_request
 from agent.settings import Settings
 from agent.status import write_status
 from agent.subscriptions import Subscriptions
@@ -59,8 +60,10 @@ class Supervisor:
         executor: Executor,
         watcher: CertsWatcher | None = None,
         notifier: Notifier | None = None,
+        events: Events | None = None,
     ):
         self.settings = settings
+        self.events = events or subscriptions.events
         self.subscriptions = subscriptions
         self.executor = executor
         self.watcher = watcher
@@ -95,12 +98,11 @@ class Supervisor:
         if self.watcher is not None:
             self.watcher.start()
         self.notifier.ready(self.status_text())
-        log.info(
-            "studio-agent ready: %d slot(s), queues under %s matching %r",
-            self.settings.max_concurrent,
-            self.settings.queue_root,
-            self.settings.queue_match,
+        text = (
+            f"studio-agent ready: {self.settings.max_concurrent} slot(s), "
+            f"queues matching {self.settings.queue_match!r}, {self.status_text()}"
         )
+        self.events.emit(Event("agent_started", text))
         while self.step():
             pass
         if self.watcher is not None:
@@ -109,7 +111,7 @@ class Supervisor:
             backend.close()
         self._write_status("stopped")
         self.notifier.close()
-        log.info("studio-agent stopped")
+        self.events.emit(Event("agent_stopped", "studio-agent stopped"))
         return 0
 
     def step(self) -> bool:
@@ -265,11 +267,16 @@ class Supervisor:
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
         )
         self.jobs[id(job)] = job
-        log.info(
-            "experiment %s from %s: starting (attempt %d)",
-            request.key,
-            where,
-            delivery.delivery_count,
+        text = (
+            f"experiment {request.key} from {where}: starting (attempt {delivery.delivery_count})"
+        )
+        self.events.emit(
+            Event(
+                "experiment_started",
+                text,
+                {**self._job_fields(job), "ATTEMPT": str(delivery.delivery_count)},
+                destination=_slack_destination(request),
+            )
         )
         job.thread.start()
 
@@ -301,8 +308,7 @@ class Supervisor:
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
         delivery = job.delivery
-        took = outcome.finished - outcome.started
-        log.info("experiment %s %s in %.1fs: %s", outcome.key, outcome.status, took, outcome.detail)
+        self._report_outcome(job, outcome)
         if outcome.transient:
             delivery.requeue()
             if not self._stop_requests:
@@ -318,6 +324,39 @@ class Supervisor:
             self._set_aside(delivery, "expired", outcome.detail)
         else:
             delivery.ack()
+
+    def _job_fields(self, job: Job) -> dict[str, str]:
+        """Journal fields naming one experiment and where it came from."""
+        request = job.run.request
+        return {
+            "EXPERIMENT_KEY": request.key,
+            "PROJECT": request.experiment.project or "",
+            "QUEUE": job.delivery.queue,
+            "BACKEND": job.delivery.backend,
+            "CREDENTIAL": job.backend.name or job.backend.kind,
+        }
+
+    def _report_outcome(self, job: Job, outcome: Outcome) -> None:
+        took = outcome.finished - outcome.started
+        text = f"experiment {outcome.key} {outcome.status} in {took:.1f}s: {outcome.detail}"
+        fields = {
+            **self._job_fields(job),
+            "OUTCOME": outcome.status,
+            "DURATION_S": f"{took:.3f}",
+            "UPLOADED_BYTES": str(outcome.uploaded_bytes),
+        }
+        if outcome.exit_code is not None:
+            fields["EXIT_CODE"] = str(outcome.exit_code)
+        failed = outcome.status not in ("completed", "expired")
+        event = Event(
+            "experiment_finished",
+            text,
+            fields,
+            detail=outcome.output_tail,
+            destination=_slack_destination(job.run.request),
+            level=logging.WARNING if failed else logging.INFO,
+        )
+        self.events.emit(event)
 
     def _set_aside(self, delivery: Delivery, kind: str, reason: str) -> None:
         """Keep the raw message and why under ``<state>/<kind>/``, then acknowledge it."""
@@ -337,13 +376,11 @@ class Supervisor:
             "time": time.time(),
         }
         (folder / f"{stem}.reason.json").write_text(json.dumps(about, indent=1))
-        log.error(
-            "message %s/%s set aside in %s: %s",
-            delivery.queue,
-            delivery.message_id,
-            folder / stem,
-            reason,
+        text = (
+            f"message {delivery.queue}/{delivery.message_id} set aside in {folder / stem}: {reason}"
         )
+        fields = {"QUEUE": delivery.queue, "BACKEND": delivery.backend, "SET_ASIDE": kind}
+        self.events.emit(Event("message_rejected", text, fields, level=logging.ERROR))
         delivery.ack()
 
     # -- draining ------------------------------------------------------------------------------
@@ -354,11 +391,11 @@ class Supervisor:
         if self._drain_deadline is None:
             self._drain_deadline = now + self.settings.drain_timeout
             self.notifier.stopping(self.status_text())
-            log.info(
-                "draining: %d experiment(s) running, up to %.0fs",
-                len(self.jobs),
-                self.settings.drain_timeout,
+            text = (
+                f"studio-agent stopping: draining {len(self.jobs)} experiment(s), "
+                f"up to {self.settings.drain_timeout:.0f}s"
             )
+            self.events.emit(Event("agent_stopping", text))
         if self._stop_requests > 1:
             self._drain_deadline = min(self._drain_deadline, now)
         if not self.jobs:
@@ -378,3 +415,10 @@ class Supervisor:
                 job.run.cancel()
             self._cancelled = True
         return True
+
+
+def _slack_destination(request: Request) -> str:
+    """``config.runner.slack_destination``: where a submitter asked for its Slack messages."""
+    runner = (request.config.model_extra or {}).get("runner")
+    value = runner.get("slack_destination") if isinstance(runner, dict) else None
+    return value if isinstance(value, str) else ""
