@@ -212,9 +212,8 @@ class ExperimentRun:
     def _execute(self, launch: Launch, limit: float, outcome: Outcome) -> None:
         if self.settings.update_local_db:
             database.mark_running(self.request.config, self.request.key)
-        proc = process.spawn(
-            launch.argv, self.ctx.workspace, self.child_env(launch), self.ctx.output_file
-        )
+        argv, env = launch.command(self.child_env(launch))
+        proc = process.spawn(argv, self.ctx.workspace, env, self.ctx.output_file)
         process.record(proc, self.home / "process.json")
         log.info(
             "experiment %s started as pid %d: %s", self.request.key, proc.pid, launch.argv[1:2]

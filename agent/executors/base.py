@@ -24,6 +24,7 @@ class RunContext:
     request: Request
     home: Path
     output_file: Path  # <exp>/output/output: install logs and the run's output go here
+    gpus: tuple[str, ...] = ()  # UUIDs of the cards assigned to this run (empty: none)
 
     @property
     def exp_dir(self) -> Path:
@@ -37,13 +38,27 @@ class RunContext:
         return self.exp_dir / label
 
 
+Wrap = Callable[[list[str], dict[str, str]], tuple[list[str], dict[str, str]]]
+
+
 @dataclass
 class Launch:
-    """A prepared command: argv, the environment overrides it needs, and what to release after."""
+    """A prepared command: argv, the environment overrides it needs, and what to release after.
+
+    ``wrap``, when set, turns the final argv and child environment into what is really spawned:
+    a container executor moves the environment inside the container and prefixes its runtime.
+    """
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     release: Callable[[], None] = lambda: None
+    wrap: Wrap | None = None
+
+    def command(self, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment to spawn, given the child's complete environment."""
+        if self.wrap is None:
+            return list(self.argv), env
+        return self.wrap(list(self.argv), env)
 
 
 class Executor(ABC):
