@@ -19,6 +19,7 @@ from agent.settings import Settings, load_settings
 from agent.submit import Submission, submit
 
 # The real services, one of each per test session, shared by every module that asks for them.
+from tests.services.apptainer import python_sif  # noqa: F401
 from tests.services.pubsub import pubsub_emulator  # noqa: F401
 from tests.services.rabbitmq import rabbitmq  # noqa: F401
 from tests.services.s3 import s3_server, s3_tls_server  # noqa: F401

@@ -1,0 +1,199 @@
+"""Image references, source policy, the image cache, and the container executor's helpers."""
+
+import hashlib
+import io
+import shutil
+import tarfile
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from agent.errors import EnvironmentFailed
+from agent.executors.containerenv import ImagePython
+from agent.executors.images import (
+    ImageRef,
+    ImageStore,
+    check_allowed,
+    parse_reference,
+    reference_for,
+    spython_pull,
+)
+from agent.executors.singularity import env_file_text, flavor_of, lacks_sys_resource
+from agent.request import Artifact, Request, StudioConfig
+
+
+def make_request(artifact: Artifact | None, storage: dict[str, str] | None = None) -> Request:
+    artifacts = {"_singularity": artifact.model_dump()} if artifact else {}
+    return Request.model_validate(
+        {
+            "experiment": {"key": "k1", "artifacts": artifacts},
+            "config": {"storage": storage} if storage else {},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "source", "location"),
+    [
+        ("docker://python:3.11", "docker", "docker://python:3.11"),
+        ("dockerhub://tensorflow/tensorflow", "docker", "docker://tensorflow/tensorflow"),
+        ("shub://sentient-singularity/x", "shub", "shub://sentient-singularity/x"),
+        ("library://alpine", "library", "library://alpine"),
+        ("oras://ghcr.io/a/b:1", "oras", "oras://ghcr.io/a/b:1"),
+        ("/srv/images/x.sif", "file", "/srv/images/x.sif"),
+        ("file:///srv/images/x.sif", "file", "/srv/images/x.sif"),
+    ],
+)
+def test_parse_reference(text: str, source: str, location: str) -> None:
+    assert parse_reference(text) == ImageRef(source, location)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["images/x.sif", "docker://", "http://example.com/x.sif"])
+def test_unusable_references_say_why(text: str) -> None:
+    with pytest.raises(EnvironmentFailed, match="container image"):
+        parse_reference(text)
+
+
+def test_reference_for_a_request() -> None:
+    assert reference_for(make_request(None), "") is None
+    assert reference_for(make_request(None), "/x.sif") == ImageRef("file", "/x.sif")
+    pulled = Artifact(qualified="shub://a/b", unpack=False)
+    assert reference_for(make_request(pulled), "/x.sif") == ImageRef("shub", "shub://a/b")
+    stored = Artifact(key="blobstore/abc.tar", local="/home/u/x.sif")
+    local = {"type": "local", "endpoint": "/s", "bucket": "b"}
+    assert reference_for(make_request(stored, local), "") == ImageRef(
+        "file", "blobstore/abc.tar", stored
+    )
+    s3 = {"type": "s3", "endpoint": "http://h:1", "bucket": "b"}
+    assert reference_for(make_request(stored, s3), "").source == "s3"  # type: ignore[union-attr]
+    with pytest.raises(EnvironmentFailed, match="names no image"):
+        reference_for(make_request(Artifact()), "")
+
+
+def test_check_allowed_names_the_source_and_the_setting() -> None:
+    check_allowed(ImageRef("docker", "docker://x"), ["docker"])
+    with pytest.raises(EnvironmentFailed, match=r"source 'file'.*container_sources: docker"):
+        check_allowed(ImageRef("file", "/x.sif"), ["docker"])
+
+
+def store_sif(root: Path, payload: bytes) -> tuple[Artifact, StudioConfig]:
+    """A SIF uploaded the way the client uploads a local file: a tar with one ``./name``."""
+    spool = io.BytesIO()
+    with tarfile.open(fileobj=spool, mode="w") as tar:
+        info = tarfile.TarInfo("./img.sif")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    key = f"blobstore/{hashlib.sha256(spool.getvalue()).hexdigest()}.tar"
+    (root / "artifacts" / "blobstore").mkdir(parents=True)
+    (root / "artifacts" / key).write_bytes(spool.getvalue())
+    config = StudioConfig.model_validate(
+        {"storage": {"type": "local", "endpoint": str(root), "bucket": "artifacts"}}
+    )
+    return Artifact(key=key, local="/elsewhere/img.sif"), config
+
+
+def no_pull(uri: str, target: Path, log: BinaryIO) -> None:
+    raise AssertionError(f"no pull expected, got {uri}")
+
+
+def test_stored_image_is_downloaded_once_and_named_by_content(tmp_path: Path) -> None:
+    artifact, config = store_sif(tmp_path / "store", b"SIF-bytes")
+    images = ImageStore(tmp_path / "cache", no_pull)
+    ref = ImageRef("file", artifact.key or "", artifact)
+    log = io.BytesIO()
+    first = images.materialize(ref, config, log)
+    assert first.digest == hashlib.sha256(b"SIF-bytes").hexdigest()
+    assert first.path.read_bytes() == b"SIF-bytes"
+    shutil.rmtree(tmp_path / "store")  # a second download would now fail
+    again = images.materialize(ref, config, log)
+    assert again == first
+    assert b"using the cached image of blobstore/" in log.getvalue()
+    assert not list((tmp_path / "cache" / "incoming").iterdir())
+
+
+def test_stored_artifact_must_hold_one_image(tmp_path: Path) -> None:
+    artifact, config = store_sif(tmp_path / "store", b"x")
+    key = tmp_path / "store" / "artifacts" / (artifact.key or "")
+    spool = io.BytesIO()
+    with tarfile.open(fileobj=spool, mode="w") as tar:
+        for name in ("a.txt", "b.txt"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+    key.write_bytes(spool.getvalue())
+    images = ImageStore(tmp_path / "cache", no_pull)
+    with pytest.raises(EnvironmentFailed, match="one image file; it holds 2"):
+        images.materialize(ImageRef("file", "k", artifact), config, io.BytesIO())
+
+
+def test_host_path_digest_is_remembered(tmp_path: Path) -> None:
+    image = tmp_path / "x.sif"
+    image.write_bytes(b"abc")
+    images = ImageStore(tmp_path / "cache", no_pull)
+    found = images.materialize(ImageRef("file", str(image)), StudioConfig(), io.BytesIO())
+    assert (found.path, found.digest) == (image, hashlib.sha256(b"abc").hexdigest())
+    with pytest.raises(EnvironmentFailed, match="cannot be used"):
+        images.materialize(ImageRef("file", str(tmp_path / "no")), StudioConfig(), io.BytesIO())
+
+
+def test_pull_happens_once_per_reference(tmp_path: Path) -> None:
+    """The cache around a pull (the pull itself needs a registry, which is not reachable)."""
+    pulls: list[str] = []
+
+    def fake_pull(uri: str, target: Path, log: BinaryIO) -> None:
+        pulls.append(uri)
+        target.write_bytes(b"pulled " + uri.encode())
+
+    images = ImageStore(tmp_path / "cache", fake_pull)
+    ref = ImageRef("docker", "docker://python:3.11")
+    first = images.materialize(ref, StudioConfig(), io.BytesIO())
+    second = images.materialize(ref, StudioConfig(), io.BytesIO())
+    assert first == second
+    assert pulls == ["docker://python:3.11"]
+    assert first.digest == hashlib.sha256(b"pulled docker://python:3.11").hexdigest()
+    assert [p.suffix for p in first.path.parent.iterdir() if p.suffix == ".partial"] == []
+
+
+@pytest.mark.apptainer
+def test_failed_pull_reports_the_runtimes_exit_code(tmp_path: Path) -> None:
+    """A real spython pull from a registry that is not there (port 9 on loopback)."""
+    if shutil.which("singularity") is None:
+        pytest.fail("singularity/apptainer is not installed: run scripts/install-apptainer.sh")
+    log = io.BytesIO()
+    with pytest.raises(
+        EnvironmentFailed, match=r"pulling docker://127\.0\.0\.1:9/none/x:1 failed with exit code"
+    ):
+        spython_pull("docker://127.0.0.1:9/none/x:1", tmp_path / "x.sif", log)
+    assert not (tmp_path / "x.sif").exists()
+
+
+def test_env_file_escapes_the_runtimes_second_evaluation() -> None:
+    text = env_file_text({"A": "a $HOME `id` \\ 'q\"", "B": ""})
+    assert text == "A='a \\$HOME \\`id\\` \\\\ '\"'\"'q\"'\nB=''\n"
+
+
+def test_flavor_and_capabilities(tmp_path: Path) -> None:
+    assert flavor_of("apptainer version 1.4.5") == "apptainer"
+    assert flavor_of("singularity-ce version 4.1.0") == "singularity-ce"
+    assert flavor_of("singularity version 3.8.7") == "singularity"
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t000001fffeffffff\n")  # bit 24 clear
+    expected = __import__("os").geteuid() == 0
+    assert lacks_sys_resource(status) is expected
+    status.write_text("CapEff:\t000001ffffffffff\n")
+    assert lacks_sys_resource(status) is False
+
+
+@pytest.mark.parametrize(
+    ("libc", "machine", "platform"),
+    [
+        (("glibc", "2.36"), "x86_64", "x86_64-manylinux_2_36"),
+        (("glibc", "2.30"), "x86_64", "x86_64-manylinux_2_28"),
+        (("glibc", "2.41"), "aarch64", "aarch64-manylinux_2_40"),
+        (("", ""), "x86_64", "x86_64-unknown-linux-musl"),
+    ],
+)
+def test_wheel_platform_for_an_image(libc: tuple[str, str], machine: str, platform: str) -> None:
+    python = ImagePython(Path("python3"), (3, 11, 2), "d" * 64, libc, machine)
+    assert python.platform == platform
+    assert python.version_text == "3.11.2 in image dddddddddddddddd"
