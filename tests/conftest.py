@@ -20,6 +20,7 @@ from agent.submit import Submission, submit
 
 # The real services, one of each per test session, shared by every module that asks for them.
 from tests.services.apptainer import python_sif  # noqa: F401
+from tests.services.nspawn import agent_wheelhouse, nspawn  # noqa: F401
 from tests.services.pubsub import pubsub_emulator  # noqa: F401
 from tests.services.rabbitmq import rabbitmq  # noqa: F401
 from tests.services.s3 import s3_server, s3_tls_server  # noqa: F401
@@ -67,6 +68,8 @@ def layout(tmp_path: Path, venv_cache: Path) -> Callable[..., Layout]:
             "poll_interval": 0.05,
             "checkpoint_min_interval": "0s",
             "certs_dir": str(tmp_path / "certs"),
+            # A free port per agent: the default 127.0.0.1:9090 would collide between tests.
+            "metrics_address": "127.0.0.1:0",
         }
         config.update(overrides)
         path = tmp_path / "agent.yaml"
