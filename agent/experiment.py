@@ -74,6 +74,15 @@ def clean_env(settings: Settings, tmpdir: Path) -> dict[str, str]:
     return env
 
 
+def gpu_env(uuids: tuple[str, ...]) -> dict[str, str]:
+    """What makes the child see exactly its assigned cards (none when ``uuids`` is empty)."""
+    return {
+        "CUDA_VISIBLE_DEVICES": ",".join(uuids),
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # CUDA's numbering then matches NVML's
+        "NVIDIA_VISIBLE_DEVICES": ",".join(uuids) or "void",
+    }
+
+
 def expand_percent(value: str, env: Mapping[str, str]) -> str:
     """Expand ``%VAR%`` the way the Go runner does; an unknown variable becomes empty."""
     return _PERCENT_VAR.sub(lambda m: env.get(m.group(1), ""), value)
@@ -82,7 +91,14 @@ def expand_percent(value: str, env: Mapping[str, str]) -> str:
 class ExperimentRun:
     """Runs one request; ``cancel`` (from another thread) stops it and keeps what it produced."""
 
-    def __init__(self, request: Request, settings: Settings, executor: Executor, queue: str = ""):
+    def __init__(
+        self,
+        request: Request,
+        settings: Settings,
+        executor: Executor,
+        queue: str = "",
+        gpus: tuple[str, ...] = (),  # UUIDs of the cards admission assigned to this run
+    ):
         self.request = request
         self.queue = queue  # only to label the run's metadata; the run knows no queue
         self.settings = settings
@@ -90,7 +106,7 @@ class ExperimentRun:
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.home = settings.effective_work_dir / self.run_id
         self.ctx = RunContext(
-            request, self.home, self.home / "experiments" / request.key / "output" / "output"
+            request, self.home, self.home / "experiments" / request.key / "output" / "output", gpus
         )
         self._cancelled = threading.Event()
         self._fingerprints: dict[str, str] = {}
@@ -207,6 +223,7 @@ class ExperimentRun:
             ),
             PYTHONUNBUFFERED="TRUE",
         )
+        env.update(gpu_env(self.ctx.gpus))  # last: neither config.env nor the executor may widen it
         return env
 
     def _execute(self, launch: Launch, limit: float, outcome: Outcome) -> None:

@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     # -- resources (admission) --
     admission_backoff: Duration = parse_duration("30s")  # a queue whose request does not fit now
     never_fit_backoff: Duration = parse_duration("10m")  # ... and one that can never fit here
+    # JSON list of cards used instead of NVML: for tests, and hosts whose driver lacks NVML
+    gpu_inventory_file: Path | None = None
     # -- reporting --
     slack_hook: str = ""
     slack_room: str = ""

@@ -26,7 +26,11 @@ class _Job(Protocol):
 
 
 def write_status(
-    state_dir: Path, state: str, subscriptions: Subscriptions, jobs: Iterable[_Job]
+    state_dir: Path,
+    state: str,
+    subscriptions: Subscriptions,
+    jobs: Iterable[_Job],
+    resources: dict[str, Any] | None = None,  # Admission.describe(): GPUs and who holds them
 ) -> None:
     document = {
         "pid": os.getpid(),
@@ -37,9 +41,11 @@ def write_status(
                 "key": job.run.request.key,
                 "queue": job.delivery.queue,
                 "backend": job.backend.name or job.backend.kind,
+                "gpus": list(job.run.ctx.gpus),
             }
             for job in jobs
         ],
+        "resources": resources or {},
         "backends": [b.describe() for b in subscriptions.active()],
         "retiring": [b.describe() for b in subscriptions.retiring],
         "refused": subscriptions.refused,
@@ -59,7 +65,10 @@ def render(document: dict[str, Any]) -> str:
         + ("" if alive else f" (not running; last seen {age:.0f}s ago)")
     ]
     for job in document.get("experiments", []):
-        lines.append(f"  running {job['key']} from {job['backend']}:{job['queue']}")
+        gpus = f" on {', '.join(job['gpus'])}" if job.get("gpus") else ""
+        lines.append(f"  running {job['key']} from {job['backend']}:{job['queue']}{gpus}")
+    for queue, reason in sorted(document.get("resources", {}).get("waiting", {}).items()):
+        lines.append(f"  queue {queue} waits for room: {reason}")
     for section in ("backends", "retiring"):
         for backend in document.get(section, []):
             title = f"{backend['kind']} {backend['name']}" + (
