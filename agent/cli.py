@@ -1,16 +1,21 @@
-"""``studio-agent``: run | check-config | status | submit | metadata | version.
+"""``studio-agent``: run | check-config | status | gpus | submit | metadata | version.
 
-Exit codes follow sysexits: 0 clean stop, 2 bad usage, 64 submit input error, 70 unexpected
-crash, 75 a submitted experiment did not finish in time, 78 configuration error (systemd's unit
-sets RestartPreventExitStatus=78 so a bad config does not crash-loop).
+Exit codes follow sysexits: 0 clean stop, 2 bad usage, 64 submit input error, 69 a required
+backend (the configured broker) did not answer within start_budget, 70 unexpected crash, 75 a
+submitted experiment did not finish in time, 78 configuration error (systemd's unit sets
+RestartPreventExitStatus=78 so a bad config does not crash-loop).
 """
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import tarfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -21,7 +26,13 @@ from agent.queues.base import QueueBackend, QueueFilter
 from agent.queues.local import LocalQueue
 from agent.settings import Settings, effective_config, load_settings
 
+if TYPE_CHECKING:
+    from agent.report.events import Events, Sink
+    from agent.report.metrics import Metrics
+
 EX_OK, EX_USAGE, EX_DATAERR, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 2, 64, 70, 75, 78
+EX_UNAVAILABLE = 69
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 log = logging.getLogger("agent")
 
 
@@ -39,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("version", help="print the version")
     status = commands.add_parser("status", parents=[common], help="what the running agent does")
     status.add_argument("--json", action="store_true")
+    gpus = commands.add_parser("gpus", parents=[common], help="the GPUs and who holds them")
+    gpus.add_argument("--json", action="store_true")
     metadata = commands.add_parser("metadata", help="summarize scrape-*.json documents")
     metadata.add_argument("files", nargs="+", type=Path, help="scrape documents or folders of them")
     metadata.add_argument("--project")
@@ -84,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return submit_command(settings, options)
         if options.command == "status":
             return status_command(settings, options.json)
-        return run_command(settings, options.log_level)
+        if options.command == "gpus":
+            return gpus_command(settings, options.json)
+        return run_command(settings, options.log_level, options.config)
     except ConfigError as exc:
         print(f"studio-agent: configuration error:\n{exc}", file=sys.stderr)
         return EX_CONFIG
@@ -99,21 +114,98 @@ def check_config(file: Path | None) -> int:
     return EX_OK
 
 
-def run_command(settings: Settings, level: str | None) -> int:
+def run_command(settings: Settings, level: str | None, config: Path | None = None) -> int:
     from agent.credentials import CertsWatcher
     from agent.executors import build_executor
+    from agent.log import LevelReload
+    from agent.report.metrics import Resources
     from agent.subscriptions import Subscriptions
     from agent.supervisor import Supervisor
 
     setup_logging(level or settings.log_level)
-    subscriptions = Subscriptions(settings, build_backends(settings))
-    watcher = None
-    if settings.certs_dir is not None:
-        watcher = CertsWatcher(settings.certs_dir, lambda: None)
-    supervisor = Supervisor(settings, subscriptions, build_executor(settings), watcher)
-    if watcher is not None:
-        watcher.wake = supervisor.wake
-    return supervisor.run()
+    with reporting(settings) as (events, metrics):
+        backends = build_backends(settings)
+        why = wait_for_required(backends, settings.start_budget)
+        if why is None:
+            log.info("stopped while waiting for the broker")
+            return EX_OK
+        if why:
+            log.error("a required backend did not answer within start_budget: %s", why)
+            return EX_UNAVAILABLE
+        subscriptions = Subscriptions(settings, backends, events=events)
+        watcher = None
+        if settings.certs_dir is not None:
+            watcher = CertsWatcher(settings.certs_dir, lambda: None)
+        supervisor = Supervisor(settings, subscriptions, build_executor(settings), watcher)
+        if watcher is not None:
+            watcher.wake = supervisor.wake
+        supervisor.reload_log_level = LevelReload(
+            config, level or settings.log_level, pinned=level is not None
+        )
+        if metrics is not None:
+            metrics.resources.probe = Resources(settings.effective_work_dir, supervisor.admission)
+        return supervisor.run()
+
+
+@contextlib.contextmanager
+def reporting(settings: Settings) -> Iterator["tuple[Events, Metrics | None]"]:
+    """The event sinks: Prometheus on metrics_address, Slack when slack_hook is set.
+
+    A metrics_address that cannot be bound is a ConfigError (exit 78). At the end Slack gets a
+    few seconds to post what is queued.
+    """
+    from agent.report import metrics as metrics_seam
+    from agent.report.events import Events
+    from agent.report.slack import SlackSink
+
+    sinks: list[Sink] = []
+    metrics = slack = None
+    if settings.metrics_address:
+        metrics = metrics_seam.Metrics()
+        metrics.serve(settings.metrics_address)
+        metrics_seam.enable(metrics)
+        sinks.append(metrics)
+    try:
+        if settings.slack_hook:
+            slack = SlackSink(settings.slack_hook, settings.slack_room).start()
+            sinks.append(slack)
+        yield Events(sinks), metrics
+    finally:
+        if slack is not None:
+            slack.stop(flush_seconds=5.0)
+        if metrics is not None:
+            metrics_seam.enable(None)
+            metrics.close()
+
+
+def wait_for_required(backends: list[QueueBackend], budget: float) -> str | None:
+    """Connect each required backend (the configured broker): "" once all answered; why not
+    once ``budget`` seconds have passed; None if SIGTERM/SIGINT came meanwhile (a clean stop).
+
+    Certs-dir credentials are not required: a refused one is retried while the agent runs.
+    Meanwhile the broker is ticked, so its queue discovery (and its problems) show in the log.
+    """
+    if not any(b.kind == "rabbitmq" for b in backends):
+        return ""
+    from agent.queues.rabbitmq import RabbitQueue  # pika loads only when a broker is configured
+
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda n, _f: stop.append(n)) for sig in STOP_SIGNALS}
+    try:
+        deadline = time.monotonic() + budget
+        for backend in (b for b in backends if isinstance(b, RabbitQueue)):
+            backend.tick()  # discovery first, in the running loop's order
+            while not backend.connect():
+                backend.tick()
+                if stop:
+                    return None
+                if time.monotonic() >= deadline:
+                    return f"{backend.name}: {backend.problem} (start_budget {budget:g}s)"
+                time.sleep(0.2)
+        return ""
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_backends(settings: Settings) -> list[QueueBackend]:
@@ -226,4 +318,30 @@ def status_command(settings: Settings, as_json: bool) -> int:
         json.dumps(document, indent=1) if as_json else render(document),
         end="" if not as_json else "\n",
     )
+    return EX_OK
+
+
+def gpus_command(settings: Settings, as_json: bool) -> int:
+    """The cards this agent would manage and, from status.json, which experiment holds each."""
+    import json
+    import os
+
+    from agent.gpus import describe_card, load_inventory
+    from agent.status import STATUS_FILE
+
+    inventory = load_inventory(settings.gpu_inventory_file, settings.cpu_only, os.environ)
+    holders: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        status = json.loads((settings.state_dir / STATUS_FILE).read_text())
+        for held in status.get("resources", {}).get("assignments", []):
+            holders.update({uuid: held["key"] for uuid in held.get("gpus", [])})
+    if as_json:
+        cards = [{**c.to_json(), "assigned_to": holders.get(c.uuid)} for c in inventory.cards]
+        print(json.dumps({"gpus": cards, "problem": inventory.problem}, indent=1))
+        return EX_OK
+    if not inventory.cards:
+        print(f"no GPU: {inventory.problem}")
+    for card in inventory.cards:
+        holder = holders.get(card.uuid)
+        print(describe_card(card) + (f"  assigned to {holder}" if holder else "  free"))
     return EX_OK

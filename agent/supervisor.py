@@ -15,7 +15,6 @@ Rules for a delivery:
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import queue
@@ -24,19 +23,23 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO
 
-from agent import process
+from agent import process, setaside
 from agent.credentials import CertsWatcher, scan
 from agent.errors import AgentError, BadRequest, ConfigError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.queues.base import Delivery, QueueBackend
+from agent.report import jobs
 from agent.report.events import Event, Events
+from agent.report.journal import follow_output, journal_context
 from agent.report.notify import Notifier
-from agent.request import Request, parse_request
+from agent.request import parse_request
+from agent.resources import Grant, admission_for
 from agent.settings import Settings
 from agent.status import write_status
 from agent.subscriptions import Subscriptions
@@ -50,6 +53,8 @@ class Job:
     delivery: Delivery
     run: ExperimentRun
     thread: threading.Thread | None = None
+    grant: Grant | None = None  # CPUs, RAM, disk and GPUs held until settled
+    started: float = field(default_factory=time.time)
 
 
 class Supervisor:
@@ -82,6 +87,7 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self._state_lock: IO[bytes] | None = None
+        self.admission = admission_for(settings)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -181,20 +187,27 @@ class Supervisor:
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requests += 1  # only a flag: the loop does the work on its next pass
 
+    # Set by the CLI: re-reads the config file's log_level (the supervisor knows no file).
+    reload_log_level: Callable[[], None] | None = None
+
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self._hup = True
 
     # -- credentials and status ------------------------------------------------------------------
 
     def _sync_credentials(self) -> None:
-        """Rescan the certs directory on a change, on SIGHUP, and every 30 s in any case."""
+        """On SIGHUP re-read the log level; rescan the certs directory on a change, on SIGHUP,
+        and every 30 s in any case."""
+        hup, self._hup = self._hup, False
+        if hup and self.reload_log_level is not None:
+            self.reload_log_level()
         if self.watcher is None:
             return
         now = time.monotonic()
         changed = self.watcher.take_change()
-        if not (changed or self._hup or now >= self._next_scan):
+        if not (changed or hup or now >= self._next_scan):
             return
-        self._hup, self._next_scan = False, now + 30.0
+        self._next_scan = now + 30.0
         found, refused = scan(self.watcher.certs)
         if self.subscriptions.sync(found, refused):
             self._next_status = 0.0  # show the change in status.json at once
@@ -206,7 +219,9 @@ class Supervisor:
             return f"draining, {len(self.jobs)} experiment(s), {left:.0f} s left"
         if self.jobs:
             keys = ", ".join(job.run.request.key for job in self.jobs.values())
-            return f"running {len(self.jobs)} experiment(s): {keys}"
+            gpus = self.admission.gpus_in_use()
+            on = f" on {', '.join(gpus)}" if gpus else ""
+            return f"running {len(self.jobs)} experiment(s){on}: {keys}"
         queues = sum(len(b.served_queues()) for b in self.backends)
         return f"idle, {queues} queue(s)"
 
@@ -217,7 +232,13 @@ class Supervisor:
             self._write_status(state)
 
     def _write_status(self, state: str) -> None:
-        write_status(self.settings.state_dir, state, self.subscriptions, self.jobs.values())
+        write_status(
+            self.settings.state_dir,
+            state,
+            self.subscriptions,
+            self.jobs.values(),
+            self.admission.describe(),
+        )
 
     def wake(self) -> None:
         """Cut the loop's sleep short (from any thread)."""
@@ -257,35 +278,54 @@ class Supervisor:
             self._set_aside(delivery, "rejected", f"malformed message: {exc}")
             return
         limit = self.settings.max_attempts
-        if delivery.delivery_count > limit:
-            reason = f"handed out {delivery.delivery_count} times (max_attempts {limit})"
+        attempts = self.admission.attempts(delivery)  # returns for lack of room do not count
+        if attempts > limit:
+            reason = f"handed out {attempts} times (max_attempts {limit})"
             self._set_aside(delivery, "rejected", reason)
             return
-        run = ExperimentRun(request, self.settings, self.executor, delivery.queue)
-        job = Job(backend, delivery, run)
+        resources = request.experiment.resources_needed
+        grant = self.admission.take(backend, delivery, request.key, resources)
+        if grant is None:
+            return  # returned to its queue, which waits (the admission logged why)
+        try:
+            run = ExperimentRun(
+                request, self.settings, self.executor, delivery.queue, gpus=grant.uuids
+            )
+        except BaseException:
+            self.admission.release(grant)
+            raise
+        job = Job(backend, delivery, run, grant=grant)
         job.thread = threading.Thread(
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
         )
         self.jobs[id(job)] = job
-        text = (
-            f"experiment {request.key} from {where}: starting (attempt {delivery.delivery_count})"
-        )
+        text = f"experiment {request.key} from {where}: starting (attempt {attempts})"
         self.events.emit(
             Event(
                 "experiment_started",
                 text,
-                {**self._job_fields(job), "ATTEMPT": str(delivery.delivery_count)},
-                destination=_slack_destination(request),
+                {**self._job_fields(job), "ATTEMPT": str(attempts)},
+                destination=jobs.slack_destination(request),
             )
         )
         job.thread.start()
 
     def _work(self, job: Job) -> None:
-        try:
-            outcome = job.run.run()
-        except Exception as exc:  # a bug must not kill the agent or lose the message
-            log.exception("experiment %s crashed the worker", job.run.request.key)
-            outcome = Outcome(job.run.request.key, "error", f"agent error: {exc!r}", transient=True)
+        fields = self._job_fields(job)
+        # Every log record of this thread carries the experiment's journal fields.
+        with (
+            journal_context(fields),
+            follow_output(job.run.ctx.output_file, fields, self.settings.journal_output) as output,
+        ):
+            try:
+                outcome = job.run.run()
+            except Exception as exc:  # a bug must not kill the agent or lose the message
+                log.exception("experiment %s crashed the worker", job.run.request.key)
+                why = f"agent error: {exc!r}"
+                outcome = Outcome(job.run.request.key, "error", why, transient=True)
+                outcome.started, outcome.finished = job.started, time.time()
+            if output is not None:
+                output.tail = outcome.output_tail  # for a run too short to be followed
         self.finished.put((job, outcome))
         self._wake()
 
@@ -300,6 +340,8 @@ class Supervisor:
             self.jobs.pop(id(job), None)
             if job.thread is not None:
                 job.thread.join()
+            # After the worker thread, so after kill_tree: the cards are free of its processes.
+            self.admission.release(job.grant)
             try:
                 self._settle(job, outcome)
             except (AgentError, OSError) as exc:
@@ -326,59 +368,18 @@ class Supervisor:
             delivery.ack()
 
     def _job_fields(self, job: Job) -> dict[str, str]:
-        """Journal fields naming one experiment and where it came from."""
-        request = job.run.request
-        return {
-            "EXPERIMENT_KEY": request.key,
-            "PROJECT": request.experiment.project or "",
-            "QUEUE": job.delivery.queue,
-            "BACKEND": job.delivery.backend,
-            "CREDENTIAL": job.backend.name or job.backend.kind,
-        }
+        credential = job.backend.name or job.backend.kind
+        return jobs.job_fields(
+            job.run.request, job.delivery.queue, job.delivery.backend, credential, job.run.ctx.gpus
+        )
 
     def _report_outcome(self, job: Job, outcome: Outcome) -> None:
-        took = outcome.finished - outcome.started
-        text = f"experiment {outcome.key} {outcome.status} in {took:.1f}s: {outcome.detail}"
-        fields = {
-            **self._job_fields(job),
-            "OUTCOME": outcome.status,
-            "DURATION_S": f"{took:.3f}",
-            "UPLOADED_BYTES": str(outcome.uploaded_bytes),
-        }
-        if outcome.exit_code is not None:
-            fields["EXIT_CODE"] = str(outcome.exit_code)
-        failed = outcome.status not in ("completed", "expired")
-        event = Event(
-            "experiment_finished",
-            text,
-            fields,
-            detail=outcome.output_tail,
-            destination=_slack_destination(job.run.request),
-            level=logging.WARNING if failed else logging.INFO,
-        )
-        self.events.emit(event)
+        self.events.emit(jobs.outcome_event(job.run.request, outcome, self._job_fields(job)))
 
     def _set_aside(self, delivery: Delivery, kind: str, reason: str) -> None:
         """Keep the raw message and why under ``<state>/<kind>/``, then acknowledge it."""
-        folder = self.settings.state_dir / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{delivery.queue}-{delivery.message_id}"
-        # Owner-only: a raw message carries the storage credentials of its submitter.
-        fd = os.open(folder / stem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as kept:
-            kept.write(delivery.body)
-        about = {
-            "reason": reason,
-            "backend": delivery.backend,
-            "queue": delivery.queue,
-            "message_id": delivery.message_id,
-            "delivery_count": delivery.delivery_count,
-            "time": time.time(),
-        }
-        (folder / f"{stem}.reason.json").write_text(json.dumps(about, indent=1))
-        text = (
-            f"message {delivery.queue}/{delivery.message_id} set aside in {folder / stem}: {reason}"
-        )
+        kept = setaside.keep(self.settings.state_dir, kind, delivery, reason)
+        text = f"message {delivery.queue}/{delivery.message_id} set aside in {kept}: {reason}"
         fields = {"QUEUE": delivery.queue, "BACKEND": delivery.backend, "SET_ASIDE": kind}
         self.events.emit(Event("message_rejected", text, fields, level=logging.ERROR))
         delivery.ack()
@@ -415,10 +416,3 @@ class Supervisor:
                 job.run.cancel()
             self._cancelled = True
         return True
-
-
-def _slack_destination(request: Request) -> str:
-    """``config.runner.slack_destination``: where a submitter asked for its Slack messages."""
-    runner = (request.config.model_extra or {}).get("runner")
-    value = runner.get("slack_destination") if isinstance(runner, dict) else None
-    return value if isinstance(value, str) else ""

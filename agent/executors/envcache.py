@@ -32,6 +32,7 @@ from typing import BinaryIO, Literal
 
 from agent.errors import ConfigError, EnvironmentFailed
 from agent.executors.pythonenv import Interpreter
+from agent.report import metrics
 
 InstallerChoice = Literal["auto", "uv", "pip"]
 
@@ -202,6 +203,7 @@ class EnvCache:
             os.close(fd)
             raise
         lease = EnvLease(env_dir, fd, hit=not built)
+        metrics.record_cache(hit=not built, env_hash=key)
         if built:
             self._evict(keep=key)
         else:

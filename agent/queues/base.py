@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.report import metrics
+
 
 @dataclass(frozen=True)
 class QueueFilter:
@@ -82,6 +84,8 @@ class QueueBackend(ABC):
         """After a discovery: log why each visible queue is not served (once per reason, and
         kept for ``studio-agent status``) and the served list whenever it changes."""
         who = self.name or self.kind
+        metrics.record_refresh(who, ok=True)
+        metrics.record_queues(self.kind, served, skipped)
         # Only what is visible and skipped now: status must not list a queue gone or now served.
         kept = getattr(self, "_not_served", {})
         self._not_served = {q: r for q, r in kept.items() if q in skipped}

@@ -41,6 +41,7 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 from agent.errors import ConfigError
 from agent.queues.base import Delivery, QueueBackend, QueueFilter
 from agent.queues.journal import write_atomically as write_atomically
+from agent.report import metrics
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class PubSubQueue(QueueBackend):
             )
         except _ERRORS as exc:
             self._outage(f"listing the subscriptions of project {self.project}", exc)
+            metrics.record_refresh(self.name or self.kind, ok=False)
             return
         self._ok()
         served, skipped = [], {}

@@ -36,6 +36,7 @@ import pika.exceptions
 
 from agent.queues.base import Delivery, QueueBackend, QueueFilter
 from agent.queues.journal import Entry, Journal
+from agent.report import metrics
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,10 @@ class RabbitQueue(QueueBackend):
             return None
         return self._channel
 
+    def connect(self) -> bool:
+        """Connect now unless backing off (the start-up check); False while unreachable."""
+        return self._ensure_channel() is not None
+
     def _lost(self, why: str) -> None:
         """Forget the connection and back off (capped exponential with full jitter)."""
         self._failures += 1
@@ -225,6 +230,7 @@ class RabbitQueue(QueueBackend):
             # Once per outage: the refresh is retried every few seconds until it answers.
             level = logging.DEBUG if self._mgmt_down else logging.WARNING
             log.log(level, "%s: management API %s: %r", self.name, redact_url(self.mgmt_url), exc)
+            metrics.record_refresh(self.name, ok=False)
             self._mgmt_down = True
             self._next_refresh = time.monotonic() + min(self.refresh, 5.0)
             return

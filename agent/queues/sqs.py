@@ -45,6 +45,7 @@ from agent import __version__
 from agent.errors import ConfigError
 from agent.queues.base import Delivery, QueueBackend, QueueFilter
 from agent.queues.journal import Entry, Journal
+from agent.report import metrics
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ class SqsQueue(QueueBackend):
             urls = self._call(self._list_urls)
         except _Failure as failure:
             self._trouble(failure, "listing queues")
+            metrics.record_refresh(self.name or self.kind, ok=False)
             self._next_refresh = time.monotonic() + min(self.refresh, 5.0)
             return
         self._next_refresh = time.monotonic() + self.refresh

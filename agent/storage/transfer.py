@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from agent.errors import ArtifactMissing, BadRequest, StorageDenied
+from agent.report import metrics
 from agent.request import Artifact, StudioConfig
 from agent.storage import archive, resolve
 from agent.storage.base import StorageOptions
@@ -16,6 +17,7 @@ COPY_CHUNK = 1 << 20
 SINGLE_FILE_LABELS = frozenset({"retval"})
 
 
+@metrics.measured("download")
 def fetch(
     label: str,
     artifact: Artifact,
@@ -54,6 +56,7 @@ def fetch(
         raise
 
 
+@metrics.measured("upload")
 def upload(
     label: str,
     artifact: Artifact,
@@ -73,6 +76,7 @@ def upload(
     )
 
 
+@metrics.measured("upload")
 def upload_each(
     label: str,
     artifact: Artifact,
