@@ -7,10 +7,13 @@ artifact locations are stripped of any ``user:password@``.
 
 import logging
 import urllib.parse
+from typing import TYPE_CHECKING
 
-from agent.experiment import Outcome
 from agent.report.events import Event
 from agent.request import Request
+
+if TYPE_CHECKING:  # reports sit below the pipeline: only the type is needed here
+    from agent.experiment import Outcome
 
 
 def job_fields(
@@ -27,7 +30,7 @@ def job_fields(
     }
 
 
-def outcome_event(request: Request, outcome: Outcome, fields: dict[str, str]) -> Event:
+def outcome_event(request: Request, outcome: "Outcome", fields: dict[str, str]) -> Event:
     """The ``experiment_finished`` event: status, duration, exit code, output tail."""
     took = max(outcome.finished - outcome.started, 0.0)
     text = f"experiment {outcome.key} {outcome.status} in {took:.1f}s: {outcome.detail}"
