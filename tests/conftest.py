@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent import process
 from agent.request import Request
 from agent.settings import Settings, load_settings
 from agent.submit import Submission, submit
@@ -161,12 +162,34 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         print(f"--- {agent.log_path.name} ---\n{agent.log()}")  # shown when the test failed
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 60, what: str = "") -> None:
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    stat = process._stat_fields(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def write_client_config(path: Path, store: Path, **extra: object) -> Path:
+    """A studioml client config with local storage and database under ``store``."""
+    config: dict[str, object] = {
+        "database": {"type": "local", "endpoint": str(store), "bucket": "meta"},
+        "storage": {"type": "local", "endpoint": str(store), "bucket": "artifacts"},
+        "resources_needed": {"cpus": 1, "gpus": 0, "ram": "2gb", "hdd": "3gb"},
+        **extra,
+        "experimentLifetime": "30m",
+        "verbose": "error",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 60, what: str = "", interval: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

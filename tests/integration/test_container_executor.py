@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
 from agent.executors import build_executor
 from agent.executors.base import RunContext
@@ -23,10 +22,12 @@ from agent.settings import Settings
 from tests.conftest import (
     AgentProcess,
     Layout,
+    alive,
     client_env,
     client_read_back,
     submit_script,
     wait_until,
+    write_client_config,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.apptainer, pytest.mark.slow]
@@ -82,18 +83,7 @@ def test_client_container_request_runs_in_the_image(
     immutable ``_singularity`` artifact; the agent routes the request to the container."""
     home, store = tmp_path / "studiohome", tmp_path / "clientstore"
     lay = layout(queue_root=str(home / "queue"))  # executor: venv (the default)
-    config = tmp_path / "client.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "database": {"type": "local", "endpoint": str(store), "bucket": "meta"},
-                "storage": {"type": "local", "endpoint": str(store), "bucket": "artifacts"},
-                "resources_needed": {"cpus": 1, "gpus": 0, "ram": "2gb", "hdd": "3gb"},
-                "experimentLifetime": "30m",
-                "verbose": "error",
-            }
-        )
-    )
+    config = write_client_config(tmp_path / "client.yaml", store)
     store.mkdir()
     workspace = tmp_path / "ws"
     workspace.mkdir()
@@ -243,14 +233,6 @@ open(sys.argv[1], "w").write(f"{os.getpid()} {a.pid} {b.pid}")
 print("sleeping", flush=True)
 time.sleep(300)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def run_processes(marker: str) -> list[int]:

@@ -13,7 +13,7 @@ from agent.executors import build_executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.request import Request
 from agent.storage import archive
-from tests.conftest import Layout, submit_script, wait_until
+from tests.conftest import Layout, alive, submit_script, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -103,14 +103,6 @@ open(sys.argv[1], "w").write(f"{os.getpid()} {a.pid} {b.pid}")
 print("sleeping", flush=True)
 time.sleep(300)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def test_timeout_kills_the_whole_process_tree(

@@ -6,10 +6,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
 from agent.request import parse_request
-from tests.conftest import AgentProcess, Layout, client_env, client_read_back, wait_until
+from tests.conftest import (
+    AgentProcess,
+    Layout,
+    client_env,
+    client_read_back,
+    wait_until,
+    write_client_config,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.studioml]
 
@@ -31,19 +37,7 @@ def test_client_submission_served_and_read_back(
 ) -> None:
     home, store = tmp_path / "studiohome", tmp_path / "clientstore"
     lay = layout(queue_root=str(home / "queue"))
-    config = tmp_path / "client.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "database": {"type": "local", "endpoint": str(store), "bucket": "meta"},
-                "storage": {"type": "local", "endpoint": str(store), "bucket": "artifacts"},
-                "resources_needed": {"cpus": 1, "gpus": 0, "ram": "2gb", "hdd": "3gb"},
-                "saveWorkspaceFrequency": "1m",
-                "experimentLifetime": "30m",
-                "verbose": "error",
-            }
-        )
-    )
+    config = write_client_config(tmp_path / "client.yaml", store, saveWorkspaceFrequency="1m")
     store.mkdir()  # the client refuses a store root that does not exist
     workspace = tmp_path / "ws"
     workspace.mkdir()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pika
 
+from tests.conftest import wait_until
 from tests.services.nspawn import Container
 from tests.services.rabbitmq import RabbitBroker
 
@@ -65,11 +66,24 @@ connection.close()
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.3)
+    # Each probe runs a command inside the container: poll gently.
+    wait_until(predicate, timeout, what, interval=0.3)
+
+
+def agent_settings(queue: str, drain: float) -> dict[str, object]:
+    """The agent settings both deploy tests give their tool (Ansible variables, Salt pillar)."""
+    return {
+        "queue_match": f"^{queue}$",  # the session's broker is shared with other tests
+        "amqp_refresh": "1s",
+        "drain_timeout": f"{drain:.0f}s",
+        "kill_grace": "2s",
+        "metrics_address": "",  # the container shares the host's ports
+        "pass_env": ["SSL_CERT_FILE"],
+    }
+
+
+# uv trusts its own roots; this machine's PyPI proxy CA is only in the system bundle.
+AGENT_ENVIRONMENT = {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"}
 
 
 def assert_ready(c: Container) -> None:

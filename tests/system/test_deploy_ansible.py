@@ -47,16 +47,8 @@ class Run:
 def base_vars(deb: Path) -> dict[str, Any]:
     return {
         "studio_agent_deb": str(deb),
-        "studio_agent_config": {
-            "queue_match": f"^{QUEUE}$",  # the session's broker is shared with other tests
-            "amqp_refresh": "1s",
-            "drain_timeout": f"{DRAIN:.0f}s",
-            "kill_grace": "2s",
-            "metrics_address": "",  # the container shares the host's ports
-            "pass_env": ["SSL_CERT_FILE"],
-        },
-        # uv trusts its own roots; this machine's PyPI proxy CA is only in the system bundle.
-        "studio_agent_environment": {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"},
+        "studio_agent_config": deploy.agent_settings(QUEUE, DRAIN),
+        "studio_agent_environment": dict(deploy.AGENT_ENVIRONMENT),
     }
 
 

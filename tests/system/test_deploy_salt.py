@@ -52,17 +52,8 @@ class Apply:
 def base_pillar() -> dict[str, Any]:
     return {
         "deb": DEB_ON_MINION,
-        "config": {
-            "settings": {
-                "queue_match": f"^{QUEUE}$",  # the session's broker is shared with other tests
-                "amqp_refresh": "1s",
-                "drain_timeout": f"{DRAIN:.0f}s",
-                "kill_grace": "2s",
-                "metrics_address": "",  # the container shares the host's ports
-                "pass_env": ["SSL_CERT_FILE"],
-            }
-        },
-        "environment": {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"},
+        "config": {"settings": deploy.agent_settings(QUEUE, DRAIN)},
+        "environment": dict(deploy.AGENT_ENVIRONMENT),
     }
 
 

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from agent import process
-from tests.conftest import wait_until
+from tests.conftest import alive, wait_until
 
 # A child that starts a grandchild in its session and another that escapes with setsid.
 FAMILY = """
@@ -15,11 +15,6 @@ b = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], sta
 open(sys.argv[1], "w").write(f"{a.pid} {b.pid}")
 time.sleep(300)
 """
-
-
-def alive(pid: int) -> bool:
-    stat = process._stat_fields(pid)
-    return stat is not None and stat[0] != "Z"
 
 
 def start_family(tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
