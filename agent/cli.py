@@ -212,7 +212,7 @@ def build_backends(settings: Settings) -> list[QueueBackend]:
     """The local queue root always; a broker when ``amqp_url`` names one."""
     queue_filter = QueueFilter(settings.queue_match, settings.queue_mismatch)
     backends: list[QueueBackend] = [
-        LocalQueue(settings.queue_root, settings.state_dir, queue_filter)
+        LocalQueue(settings.queue_root, settings.state_dir, queue_filter, settings.max_message_size)
     ]
     if settings.amqp_url:
         from agent.queues.rabbitmq import RabbitQueue
@@ -262,9 +262,15 @@ def submit_command(settings: Settings, options: argparse.Namespace) -> int:
         print(f"studio-agent: {exc}", file=sys.stderr)
         return EX_DATAERR
     print(f"submitted experiment {request.key} to {settings.queue_root / sub.queue}")
+    if not any(sub.storage.is_relative_to(r.resolve()) for r in settings.effective_local_storage):
+        print(
+            f"studio-agent: warning: {sub.storage} is not in local_storage; an agent with these "
+            "settings will refuse this experiment",
+            file=sys.stderr,
+        )
     if options.wait is None:
         return EX_OK
-    if wait_for(request.config, request.key, options.wait) is None:
+    if wait_for(request.config, request.key, options.wait, sub.storage) is None:
         print(
             f"experiment {request.key} did not finish within {options.wait:.0f}s", file=sys.stderr
         )

@@ -17,12 +17,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from agent import process
+from agent import process, trust
 from agent.errors import AgentError, PermanentError, TransientError
 from agent.executors.base import Executor, Launch, RunContext
 from agent.recorder import RunRecorder
@@ -98,6 +98,8 @@ class ExperimentRun:
         executor: Executor,
         queue: str = "",
         gpus: tuple[str, ...] = (),  # UUIDs of the cards admission assigned to this run
+        storage: StorageOptions | None = None,  # the request's source's policy (agent.trust)
+        on_phase: Callable[[str], None] = lambda phase: None,  # fetching, installing, ...
     ):
         self.request = request
         self.queue = queue  # only to label the run's metadata; the run knows no queue
@@ -105,16 +107,20 @@ class ExperimentRun:
         self.executor = executor
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.home = settings.effective_work_dir / self.run_id
+        # A run made without a source (tests, benchmarks) is trusted as a local queue's.
+        self.storage = storage or trust.storage_options(settings, local_source=True)
         self.ctx = RunContext(
-            request, self.home, self.home / "experiments" / request.key / "output" / "output", gpus
+            request,
+            self.home,
+            self.home / "experiments" / request.key / "output" / "output",
+            gpus,
+            self.storage,
         )
         self._cancelled = threading.Event()
         self._fingerprints: dict[str, str] = {}
         self.recorder: RunRecorder | None = None
         self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
-        self.storage = StorageOptions(
-            s3_ca_bundle=settings.s3_ca_bundle, s3_verify=settings.s3_verify
-        )
+        self.on_phase = on_phase
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -129,9 +135,11 @@ class ExperimentRun:
             )
             return self._finish(outcome, upload=False)
         try:
+            self.on_phase("fetching")
             self._layout()
             self._fetch_inputs()
             self._start_recording()
+            self.on_phase("installing")
             launch = self._prepare()
             self._record(f"environment ready: {launch.argv[0]}")
             if self._cancelled.is_set():
@@ -228,8 +236,9 @@ class ExperimentRun:
 
     def _execute(self, launch: Launch, limit: float, outcome: Outcome) -> None:
         if self.settings.update_local_db:
-            database.mark_running(self.request.config, self.request.key)
+            database.mark_running(self.request.config, self.request.key, self.storage.local_roots)
         argv, env = launch.command(self.child_env(launch))
+        self.on_phase("running")
         proc = process.spawn(argv, self.ctx.workspace, env, self.ctx.output_file)
         process.record(proc, self.home / "process.json")
         log.info(
@@ -330,6 +339,7 @@ class ExperimentRun:
                 time.sleep(delay)
 
     def _finish(self, outcome: Outcome, upload: bool) -> Outcome:
+        self.on_phase("uploading")
         if self.recorder is not None:
             self.recorder.runner["outcome"] = outcome.status
             status = "completed" if outcome.status == "completed" else "failed"
@@ -343,7 +353,8 @@ class ExperimentRun:
         outcome.finished = time.time()
         outcome.output_tail = self._output_tail()
         if self.settings.update_local_db and not outcome.transient:
-            database.mark_finished(self.request.config, self.request.key, "finished")
+            roots = self.storage.local_roots
+            database.mark_finished(self.request.config, self.request.key, "finished", roots)
         if not self.settings.keep_workdir:
             shutil.rmtree(self.home, ignore_errors=True)
         return outcome

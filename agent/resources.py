@@ -22,12 +22,10 @@ CPU, RAM and disk are soft accounting against what running experiments reserved:
 Admissions happen on the supervisor thread; releases may come from any thread: one lock.
 """
 
-import hashlib
 import logging
 import os
 import shutil
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,6 @@ from agent.settings import Settings
 log = logging.getLogger(__name__)
 
 DISK_FLOOR = 0.10  # the Go runner keeps at least this share of the volume free
-_REMEMBERED = 10_000  # messages whose admission returns are remembered (oldest forgotten)
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,6 @@ class Admission:
         self.backoff, self.never_backoff = backoff, never_backoff
         self._lock = threading.Lock()
         self._grants: list[Grant] = []
-        self._returns: OrderedDict[str, int] = OrderedDict()  # body digest -> admission returns
         # Per queue, the last request it could not run: (backend, need, reason, never).
         self._waiting: dict[tuple[int, str], tuple[QueueBackend, Need, str, bool]] = {}
 
@@ -187,11 +183,6 @@ class Admission:
                 del self._waiting[slot]
         for slot, backend in reopen:
             backend.pause(slot[1], 0.0)
-
-    def attempts(self, delivery: Delivery) -> int:
-        """The delivery's count of real attempts: hand-outs minus returns for lack of room."""
-        with self._lock:
-            return delivery.delivery_count - self._returns.get(_digest(delivery), 0)
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -269,12 +260,8 @@ class Admission:
         return tuple(fit[: need.gpus]) if len(fit) >= need.gpus else ()
 
     def _defer(self, backend: QueueBackend, delivery: Delivery, key: str, verdict: Verdict) -> None:
-        """Give the delivery back uncounted and pause its queue (ERROR when it can never fit)."""
-        digest = _digest(delivery)
-        with self._lock:
-            self._returns[digest] = self._returns.pop(digest, 0) + 1
-            while len(self._returns) > _REMEMBERED:
-                self._returns.popitem(last=False)
+        """Give the delivery back and pause its queue (ERROR when it can never fit); the caller
+        excuses the hand-out (agent.ledger), so it does not count towards max_attempts."""
         delivery.requeue()
         pause = self.never_backoff if verdict.never else self.backoff
         backend.pause(delivery.queue, pause)
@@ -319,11 +306,6 @@ class Admission:
                     for (_, queue), (_, _, reason, never) in self._waiting.items()
                 },
             }
-
-
-def _digest(delivery: Delivery) -> str:
-    # The body comes back intact on every backend, while message ids may not survive a return.
-    return hashlib.sha256(delivery.queue.encode() + b"\0" + delivery.body).hexdigest()
 
 
 def _gb(size: int) -> str:

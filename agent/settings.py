@@ -129,6 +129,14 @@ class Settings(BaseSettings):
     amqp_refresh: Duration = parse_duration("30s")
     s3_ca_bundle: Path | None = None
     s3_verify: bool = True
+    # host[:port] of the S3 servers a message may name; empty: any but link-local addresses
+    s3_endpoints: list[str] = Field(default_factory=list)
+    # Local stores a message from a local queue may name (unset: <state_dir>/storage); a message
+    # from a broker may never name a host path.
+    local_storage: list[Path] | None = None
+    max_message_size: Size = parse_size("4MiB")  # a bigger body is set aside unread
+    # A message the agent was parsing or preparing when it died this many times is set aside.
+    max_crashes: int = Field(default=3, ge=1)
     upload_budget: Duration = parse_duration("10m")
     retry_backoff: Duration = parse_duration("10s")
     metadata_layout: Literal["artifact", "go"] = "artifact"
@@ -179,6 +187,28 @@ class Settings(BaseSettings):
     @property
     def effective_work_dir(self) -> Path:
         return self.work_dir or self.state_dir / "work"
+
+    @property
+    def effective_local_storage(self) -> tuple[Path, ...]:
+        if self.local_storage is None:
+            return (self.state_dir / "storage",)
+        return tuple(self.local_storage)
+
+    @field_validator("local_storage")
+    @classmethod
+    def _absolute_paths(cls, value: list[Path] | None) -> list[Path] | None:
+        for path in value or []:
+            if not path.is_absolute():
+                raise ValueError(f"{path}: must be an absolute path")
+        return value
+
+    @field_validator("s3_endpoints")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item or "/" in item or "@" in item:
+                raise ValueError(f"{item!r}: must be host or host:port")
+        return [item.lower() for item in value]
 
     @classmethod
     def settings_customise_sources(

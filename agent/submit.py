@@ -137,11 +137,12 @@ def submit(sub: Submission) -> Request:
     return Request.model_validate(message)
 
 
-def wait_for(config: StudioConfig, key: str, timeout: float) -> dict[str, Any] | None:
-    """Poll the experiment record until the agent marks it finished; None on timeout."""
+def wait_for(config: StudioConfig, key: str, timeout: float, store: Path) -> dict[str, Any] | None:
+    """Poll the experiment record in ``store`` until the agent marks it finished; None on
+    timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        record = database.read_record(config, key)
+        record = database.read_record(config, key, (store,))
         if record and record.get("status") == "finished":
             return record
         time.sleep(0.2)

@@ -6,7 +6,9 @@ through a self-pipe, which is also what signal handlers write to (``signal.set_w
 handler does nothing but set a flag.
 
 Rules for a delivery:
-- unparseable, or handed out more than ``max_attempts`` times: its raw bytes are kept under
+- unparseable, refused by the rules of its source (agent.trust), handed out more than
+  ``max_attempts`` times (hand-outs that were not its fault excused, agent.ledger), or held when
+  the agent died while parsing or fetching it ``max_crashes`` times: its raw bytes are kept under
   ``<state>/rejected/`` with the reason, then it is acknowledged;
 - expired: kept under ``<state>/expired/`` and acknowledged, never run;
 - an outcome (success, failure, timeout): acknowledged after the final upload;
@@ -15,6 +17,7 @@ Rules for a delivery:
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -28,17 +31,18 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO
 
-from agent import process, setaside
+from agent import process
 from agent.credentials import CertsWatcher, scan
-from agent.errors import AgentError, BadRequest, ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
+from agent.gate import Gate, Ticket
+from agent.ledger import Record
 from agent.queues.base import Delivery, QueueBackend
 from agent.report import jobs
 from agent.report.events import Event, Events
 from agent.report.journal import follow_output, journal_context
 from agent.report.notify import Notifier
-from agent.request import parse_request
 from agent.resources import Grant, admission_for
 from agent.settings import Settings
 from agent.status import write_status
@@ -52,6 +56,7 @@ class Job:
     backend: QueueBackend
     delivery: Delivery
     run: ExperimentRun
+    record: Record  # the message's ledger entry: its phase, crashes and excused hand-outs
     thread: threading.Thread | None = None
     grant: Grant | None = None  # CPUs, RAM, disk and GPUs held until settled
     started: float = field(default_factory=time.time)
@@ -88,6 +93,7 @@ class Supervisor:
             os.set_blocking(fd, False)
         self._state_lock: IO[bytes] | None = None
         self.admission = admission_for(settings)
+        self.gate = Gate(settings, self.admission, self.events)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -169,6 +175,7 @@ class Supervisor:
                         "killed an experiment left running by a previous agent: %s", run_dir
                     )
                 shutil.rmtree(run_dir, ignore_errors=True)
+        self.gate.ledger.recover()  # before any message comes back: charge what the dead agent held
         for backend in self.backends:
             restored = backend.recover()
             if restored:
@@ -271,30 +278,35 @@ class Supervisor:
         return None
 
     def _start(self, backend: QueueBackend, delivery: Delivery) -> None:
-        where = f"{delivery.backend}:{delivery.queue}/{delivery.message_id}"
         try:
-            request = parse_request(delivery.body)
-        except BadRequest as exc:
-            self._set_aside(delivery, "rejected", f"malformed message: {exc}")
+            ticket = self.gate.admit(backend, delivery)
+        except (AgentError, OSError) as exc:
+            # The disk (set aside, ledger) or the queue failed, not the message: return it.
+            log.error("could not take message %s: %s; returning it", delivery.message_id, exc)
+            with contextlib.suppress(AgentError, OSError):
+                delivery.requeue()
+            backend.pause(delivery.queue, self.settings.retry_backoff)
             return
-        limit = self.settings.max_attempts
-        attempts = self.admission.attempts(delivery)  # returns for lack of room do not count
-        if attempts > limit:
-            reason = f"handed out {attempts} times (max_attempts {limit})"
-            self._set_aside(delivery, "rejected", reason)
-            return
-        resources = request.experiment.resources_needed
-        grant = self.admission.take(backend, delivery, request.key, resources)
-        if grant is None:
-            return  # returned to its queue, which waits (the admission logged why)
+        if ticket is not None:
+            self._launch(backend, delivery, ticket)
+
+    def _launch(self, backend: QueueBackend, delivery: Delivery, ticket: Ticket) -> None:
+        where = f"{delivery.backend}:{delivery.queue}/{delivery.message_id}"
+        request, attempts = ticket.request, ticket.attempts
         try:
             run = ExperimentRun(
-                request, self.settings, self.executor, delivery.queue, gpus=grant.uuids
+                request,
+                self.settings,
+                self.executor,
+                delivery.queue,
+                gpus=ticket.grant.uuids,
+                storage=ticket.storage,
+                on_phase=functools.partial(self.gate.ledger.enter, ticket.record),
             )
         except BaseException:
-            self.admission.release(grant)
+            self.admission.release(ticket.grant)
             raise
-        job = Job(backend, delivery, run, grant=grant)
+        job = Job(backend, delivery, run, ticket.record, grant=ticket.grant)
         job.thread = threading.Thread(
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
         )
@@ -353,6 +365,7 @@ class Supervisor:
         self._report_outcome(job, outcome)
         if outcome.transient:
             delivery.requeue()
+            self.gate.ledger.returned(job.record)
             if not self._stop_requests:
                 # The same trouble (storage down, disk full) would hit the next try at once.
                 backoff = min(
@@ -363,9 +376,10 @@ class Supervisor:
                     "queue %s paused for %.0fs after a failed attempt", delivery.queue, backoff
                 )
         elif outcome.status == "expired":
-            self._set_aside(delivery, "expired", outcome.detail)
+            self.gate.set_aside(delivery, "expired", outcome.detail, job.record)
         else:
             delivery.ack()
+            self.gate.ledger.settled(job.record)
 
     def _job_fields(self, job: Job) -> dict[str, str]:
         credential = job.backend.name or job.backend.kind
@@ -375,14 +389,6 @@ class Supervisor:
 
     def _report_outcome(self, job: Job, outcome: Outcome) -> None:
         self.events.emit(jobs.outcome_event(job.run.request, outcome, self._job_fields(job)))
-
-    def _set_aside(self, delivery: Delivery, kind: str, reason: str) -> None:
-        """Keep the raw message and why under ``<state>/<kind>/``, then acknowledge it."""
-        kept = setaside.keep(self.settings.state_dir, kind, delivery, reason)
-        text = f"message {delivery.queue}/{delivery.message_id} set aside in {kept}: {reason}"
-        fields = {"QUEUE": delivery.queue, "BACKEND": delivery.backend, "SET_ASIDE": kind}
-        self.events.emit(Event("message_rejected", text, fields, level=logging.ERROR))
-        delivery.ack()
 
     # -- draining ------------------------------------------------------------------------------
 

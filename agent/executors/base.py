@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.request import Request
+from agent.storage.base import StorageOptions
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class RunContext:
     home: Path
     output_file: Path  # <exp>/output/output: install logs and the run's output go here
     gpus: tuple[str, ...] = ()  # UUIDs of the cards assigned to this run (empty: none)
+    # Where its source lets it fetch from (agent.trust); a frozen value, safe to share.
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
     @property
     def exp_dir(self) -> Path:

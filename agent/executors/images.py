@@ -135,16 +135,18 @@ def _say(log: BinaryIO, text: str) -> None:
 class ImageStore:
     """Images on this host: pulled ones, downloaded ones, and host paths (used in place)."""
 
-    def __init__(self, root: Path, pull: Puller, storage: StorageOptions | None = None) -> None:
+    def __init__(self, root: Path, pull: Puller) -> None:
         self.root = root
         self._pull = pull
-        self._storage = storage or StorageOptions()
         self._digests: dict[tuple[int, int, int, int], str] = {}
         self._digests_lock = threading.Lock()
 
-    def materialize(self, ref: ImageRef, config: StudioConfig, log: BinaryIO) -> LocalImage:
+    def materialize(
+        self, ref: ImageRef, config: StudioConfig, log: BinaryIO, storage: StorageOptions
+    ) -> LocalImage:
+        """The image on this host; ``storage`` is the run's policy for a stored image."""
         if ref.artifact is not None:
-            return self._stored(ref.artifact, config, log)
+            return self._stored(ref.artifact, config, log, storage)
         if ref.source == "file":
             return self._host_path(Path(ref.location))
         return self._pulled(ref.location, log)
@@ -171,7 +173,9 @@ class ImageStore:
 
     # -- objects in the request's storage -----------------------------------------------------
 
-    def _stored(self, artifact: Artifact, config: StudioConfig, log: BinaryIO) -> LocalImage:
+    def _stored(
+        self, artifact: Artifact, config: StudioConfig, log: BinaryIO, storage: StorageOptions
+    ) -> LocalImage:
         key = artifact.key or artifact.qualified or ""
         store = config.storage
         where = json.dumps([store.type, store.endpoint, store.bucket] if store else [], default=str)
@@ -185,14 +189,14 @@ class ImageStore:
                     _say(log, f"using the cached image of {key}")
                     return LocalImage(image, image.stem)
             _say(log, f"downloading the image {key}")
-            image = self._download(artifact, config)
+            image = self._download(artifact, config, storage)
             index.write_text(image.stem)
             return LocalImage(image, image.stem)
 
-    def _download(self, artifact: Artifact, config: StudioConfig) -> Path:
+    def _download(self, artifact: Artifact, config: StudioConfig, storage: StorageOptions) -> Path:
         incoming = self.root / "incoming" / uuid.uuid4().hex
         try:
-            transfer.fetch(ARTIFACT, artifact, config, incoming, 0, self._storage)
+            transfer.fetch(ARTIFACT, artifact, config, incoming, 0, storage)
             found = self._single_file(incoming)
             digest = sha256_file(found)
             image = self.root / "blobs" / f"{digest}.sif"

@@ -29,6 +29,9 @@ _REQUIREMENT = re.compile(
     r"(?:(?:===|==|!=|~=|<=|>=|<|>|@|;).*)?$"
 )
 _VCS_OR_URL = re.compile(r"^(?:(?:git|hg|svn|bzr)\+[a-z]+://|https?://)", re.IGNORECASE)
+_DIRECT_PATH = re.compile(
+    r"^[^@;]*@(?!\s*(?:(?:git|hg|svn|bzr)\+[a-z]+://|https?://))", re.IGNORECASE
+)
 _EDITABLE = re.compile(r"^(?:-e|--editable)(?:\s|=|$)")
 _VERSION = re.compile(r"^\d+(?:\.\d+){0,2}$")
 _PYTHON3_NAME = re.compile(r"^python3(?:\.\d+)?$")
@@ -56,9 +59,14 @@ def _drop_reason(line: str) -> str | None:
         )
     if _VCS_OR_URL.match(line):
         return None
+    if line.startswith("-"):
+        # -r/-c would make the installer read a host file (and print it back in its errors).
+        return "installer options are not accepted from a request"
     match = _REQUIREMENT.match(line)
     if match is None:
         return "not a requirement line"
+    if _DIRECT_PATH.search(line):
+        return "a local path on the submitting machine cannot be installed here"
     name = _normalized_name(match.group("name"))
     if name == "studioml":
         return "the agent does not install the StudioML client"

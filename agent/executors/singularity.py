@@ -129,14 +129,11 @@ class SingularityExecutor(Executor):
     name = "singularity"
 
     def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
-        from agent.storage.base import StorageOptions
-
         self._settings = settings
         self._runtime = runtime
         self._runtime_lock = threading.Lock()
         root = settings.cache_dir / "containers"
-        storage = StorageOptions(s3_ca_bundle=settings.s3_ca_bundle, s3_verify=settings.s3_verify)
-        self.images = ImageStore(root / "images", self._pull, storage)
+        self.images = ImageStore(root / "images", self._pull)
         self.envs = ContainerEnvCache(root / "envs", settings.cache_size)
         self._pythons: dict[str, ImagePython | None] = {}
         self._pythons_lock = threading.Lock()
@@ -166,13 +163,14 @@ class SingularityExecutor(Executor):
         check_allowed(ref, self._settings.container_sources)
         words = shell_words(experiment.args)
         requirements, notes = filter_requirements(experiment.pythonenv)
-        extra = request.config.pip
+        extra, extra_notes = filter_requirements(request.config.pip)  # as untrusted
+        notes += [f"config.pip: {note}" for note in extra_notes]
         ctx.output_file.parent.mkdir(parents=True, exist_ok=True)
         with ctx.output_file.open("ab") as out:
             for note in notes:
                 out.write(f"studio-agent: {note}\n".encode())
             runtime = self.runtime
-            image = self.images.materialize(ref, request.config, out)
+            image = self.images.materialize(ref, request.config, out, ctx.storage)
             out.write(f"studio-agent: image {ref.location} ({image.digest[:16]})\n".encode())
             lease = None
             if experiment.filename and (requirements or extra):

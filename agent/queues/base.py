@@ -11,6 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent.report import metrics
 
@@ -45,6 +46,9 @@ class Delivery(ABC):
     message_id: str
     body: bytes
     delivery_count: int  # 1 the first time this message is handed out
+    # Where the whole message lies when ``body`` may be cut short (a local queue file larger
+    # than the agent reads): a message set aside is copied from here, whole.
+    raw_path: Path | None = None
 
     @abstractmethod
     def ack(self) -> None:

@@ -9,6 +9,8 @@ Delivery semantics:
 - A taken message is *moved* to ``<state>/inflight/<queue>/<name>``, never deleted before ack, so
   a ``kill -9`` loses nothing: ``recover`` puts such messages back at start-up. Requeue restores
   the file under its own name and mtime, so it keeps its place in line.
+- A file is read up to ``max_body`` + 1 bytes: the rest of a larger one is never loaded (it
+  is refused by size, and set aside whole from ``raw_path``).
 - No lease: a message stays ours until it is settled. The delivery count lives in
   ``<state>/attempts/<queue>/<name>`` because the file itself must stay byte-identical.
 """
@@ -106,12 +108,13 @@ def _move(src: Path, dst: Path) -> None:
 class LocalDelivery(Delivery):
     backend = "local"
 
-    def __init__(self, owner: "LocalQueue", queue: str, name: str, body: bytes, count: int):
+    def __init__(self, owner: "LocalQueue", queue: str, held: Path, body: bytes, count: int):
         self._owner = owner
         self.queue = queue
-        self.message_id = name
+        self.message_id = held.name
         self.body = body
         self.delivery_count = count
+        self.raw_path = held
 
     def ack(self) -> None:
         self._owner.settle(self, requeue=False)
@@ -123,8 +126,11 @@ class LocalDelivery(Delivery):
 class LocalQueue(QueueBackend):
     kind = "local"
 
-    def __init__(self, root: Path, state_dir: Path, queue_filter: QueueFilter):
+    def __init__(
+        self, root: Path, state_dir: Path, queue_filter: QueueFilter, max_body: int = 64 * 2**20
+    ):
         self.root = root
+        self.max_body = max_body
         self.filter = queue_filter
         self.inflight = state_dir / "inflight" / "local"
         self.attempts = state_dir / "attempts" / "local"
@@ -166,7 +172,9 @@ class LocalQueue(QueueBackend):
             held = self.inflight / queue / oldest.name
             _move(Path(oldest.path), held)
         count = self._count_attempt(queue, oldest.name)
-        return LocalDelivery(self, queue, oldest.name, held.read_bytes(), count)
+        with held.open("rb") as message:
+            body = message.read(self.max_body + 1)
+        return LocalDelivery(self, queue, held, body, count)
 
     def _count_attempt(self, queue: str, name: str) -> int:
         counter = self.attempts / queue / name

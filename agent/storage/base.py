@@ -18,6 +18,9 @@ class StorageOptions:
     s3_verify: bool = True
     s3_retries: int = 5  # botocore retries after the first try, standard retry mode
     s3_part_size: int = 16 * 2**20  # multipart chunk; memory per upload is about 2 parts
+    # Who sent the request decides where it may point (agent.trust.storage_options):
+    local_roots: tuple[Path, ...] = ()  # local stores it may name; none for a broker's message
+    s3_endpoints: tuple[str, ...] = ()  # host[:port] it may name; empty: any but link-local
 
 
 class Storage(ABC):

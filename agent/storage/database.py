@@ -1,58 +1,70 @@
 """The StudioML experiment record, for stores the agent can reach (``database: {type: local}``).
 
 The Go runner never touches it; the Python worker sets ``status`` and the ``time_*`` fields. We do
-what the Python worker does, so ``studio runs list`` and scripts polling the record see progress.
+what the Python worker does, so ``studio runs list`` and scripts polling the record see progress,
+but only in a database inside the stores the request's source may name (``roots``, see
+agent.trust): a message cannot make the agent write a JSON file anywhere else.
 """
 
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
+from agent.errors import AgentError
 from agent.request import StudioConfig
 from agent.storage import local_root
 from agent.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
+MAX_RECORD = 4 * 2**20  # a record is a few KB; a bigger file is not one the client wrote
 
 
-def _store(config: StudioConfig) -> LocalStorage | None:
+def _store(config: StudioConfig, roots: tuple[Path, ...]) -> LocalStorage | None:
     database = config.database
     if database is None or database.type != "local" or not database.endpoint:
         return None
-    return LocalStorage(local_root(database))
+    try:
+        return LocalStorage(local_root(database, roots, "config.database"))
+    except AgentError as exc:
+        log.debug("experiment record not updated: %s", exc)
+        return None
 
 
-def read_record(config: StudioConfig, key: str) -> dict[str, Any] | None:
-    store = _store(config)
+def read_record(config: StudioConfig, key: str, roots: tuple[Path, ...]) -> dict[str, Any] | None:
+    store = _store(config, roots)
     if store is None:
         return None
     try:
-        record = json.loads(store.path(f"experiments/{key}").read_bytes())
-    except (OSError, ValueError):
+        with store.path(f"experiments/{key}").open("rb") as handle:
+            record = json.loads(handle.read(MAX_RECORD))
+    except (OSError, ValueError, RecursionError, AgentError):
         return None
     return record if isinstance(record, dict) else None
 
 
-def update_record(config: StudioConfig, key: str, **fields: Any) -> bool:
+def update_record(config: StudioConfig, key: str, roots: tuple[Path, ...], **fields: Any) -> bool:
     """Merge ``fields`` into the record if it exists; True when written. Never raises."""
-    store = _store(config)
-    record = read_record(config, key)
+    store = _store(config, roots)
+    record = read_record(config, key, roots)
     if store is None or record is None:
         return False
     record.update(fields)
     try:
         store.write(f"experiments/{key}", lambda out: out.write(json.dumps(record).encode()))
-    except OSError as exc:
+    except (OSError, AgentError) as exc:
         log.warning("could not update experiment record %s: %s", key, exc)
         return False
     return True
 
 
-def mark_running(config: StudioConfig, key: str) -> bool:
-    return update_record(config, key, status="running", time_started=time.time())
+def mark_running(config: StudioConfig, key: str, roots: tuple[Path, ...]) -> bool:
+    return update_record(config, key, roots, status="running", time_started=time.time())
 
 
-def mark_finished(config: StudioConfig, key: str, status: str) -> bool:
+def mark_finished(config: StudioConfig, key: str, status: str, roots: tuple[Path, ...]) -> bool:
     now = time.time()
-    return update_record(config, key, status=status, time_finished=now, time_last_checkpoint=now)
+    return update_record(
+        config, key, roots, status=status, time_finished=now, time_last_checkpoint=now
+    )

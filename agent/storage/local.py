@@ -38,7 +38,11 @@ class LocalStorage(Storage):
         relative = Path(key.lstrip("/"))
         if ".." in relative.parts:
             raise PermanentError(f"artifact key {key!r} leaves the storage root")
-        return self.root / relative
+        target = self.root / relative
+        # A symlink planted in a shared store must not lead a read or a write out of it.
+        if not target.resolve().is_relative_to(self.root.resolve()):
+            raise PermanentError(f"artifact key {key!r} leads out of the storage root")
+        return target
 
     @contextlib.contextmanager
     def _open(self, key: str) -> Iterator[BinaryIO]:

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from agent.errors import (
     StorageUnavailable,
 )
 from agent.request import Artifact, StudioConfig
+from agent.storage import check_key
 from agent.storage.base import Producer, Storage, StorageOptions
 
 if TYPE_CHECKING:
@@ -59,6 +61,11 @@ _DENIED = frozenset({"NoSuchBucket", "ExpiredToken", "InvalidToken"})  # and any
 _RETRYABLE = frozenset(
     {"RequestTimeout", "RequestTimeTooSkewed", "OperationAborted", "NoSuchUpload", "Throttling"}
 )
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+# Bucket names as S3 and the servers that mimic it accept them (AWS is stricter: lower case).
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+_METADATA_NAMES = frozenset({"metadata.google.internal", "metadata", "instance-data"})
+_METADATA_V6 = ipaddress.ip_network("fd00:ec2::254/128")  # AWS's IMDS over IPv6
 _NETWORK = (BotoConnectionError, HTTPClientError, BotoIncompleteRead, Urllib3Error, OSError)
 
 
@@ -97,6 +104,8 @@ def endpoint_for(host: str, config: StudioConfig) -> tuple[str, str | None]:
     ``qualified`` lost the scheme: take it from the client's storage or database endpoint when
     that names the same server, use TLS for AWS, plain HTTP otherwise (as Go does).
     """
+    if host and not _HOST.fullmatch(host):
+        raise BadRequest(f"bad S3 endpoint {host[:80]!r}")
     parsed = urlsplit("//" + host)
     try:
         parsed.port  # noqa: B018 - a port that is not a number raises here
@@ -176,12 +185,40 @@ def locate(
     return S3Location(endpoint or f"https://s3.{region}.amazonaws.com", region, bucket), key
 
 
+def check_location(label: str, location: S3Location, key: str, options: StorageOptions) -> None:
+    """Refuse a bucket or key that climbs out of its place, and an endpoint that is not a
+    storage server: a link-local address (cloud metadata services live there) or, when the
+    operator listed ``s3_endpoints``, any other."""
+    what = f"artifact {label!r}"
+    if not _BUCKET.fullmatch(location.bucket) or location.bucket in (".", ".."):
+        raise BadRequest(f"{what}: {location.bucket[:80]!r} is not a bucket name")
+    check_key(label, key)
+    netloc = urlsplit(location.endpoint).netloc
+    if options.s3_endpoints and netloc.lower() not in options.s3_endpoints:
+        raise BadRequest(f"{what}: S3 endpoint {netloc!r} is not listed in s3_endpoints")
+    host = (urlsplit(location.endpoint).hostname or "").lower()
+    if host in _METADATA_NAMES or _link_local(host):
+        raise BadRequest(f"{what}: S3 endpoint {host!r} is a link-local or metadata address")
+
+
+def _link_local(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_link_local or address in _METADATA_V6
+
+
 def resolve_s3(
     label: str, artifact: Artifact, config: StudioConfig, options: StorageOptions | None
 ) -> tuple["S3Storage", str]:
+    options = options or StorageOptions()
     creds, region = credentials_for(label, artifact, config)
     location, key = locate(label, artifact, config, region)
-    return S3Storage(location, creds, options or StorageOptions()), key
+    check_location(label, location, key, options)
+    return S3Storage(location, creds, options), key
 
 
 # -- clients --------------------------------------------------------------------------------------

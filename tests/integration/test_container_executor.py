@@ -17,7 +17,8 @@ import pytest
 from agent.executors import build_executor
 from agent.executors.base import RunContext
 from agent.experiment import ExperimentRun, Outcome
-from agent.request import Artifact, Request, parse_request
+from agent.intake import parse_message
+from agent.request import Artifact, Request
 from agent.settings import Settings
 from tests.conftest import (
     AgentProcess,
@@ -94,7 +95,7 @@ def test_client_container_request_runs_in_the_image(
     env = client_env(client_venv, home)
     subprocess.run(argv, cwd=workspace, env=env, check=True, capture_output=True, timeout=300)
     [message] = (home / "queue" / "local_c").iterdir()
-    singularity = parse_request(message.read_bytes()).experiment.artifacts["_singularity"]
+    singularity = parse_message(message.read_bytes()).experiment.artifacts["_singularity"]
     assert singularity.local == str(python_sif)
     assert singularity.key
     assert not singularity.mutable

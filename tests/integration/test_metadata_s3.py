@@ -12,8 +12,8 @@ import pytest
 
 from agent.executors import build_executor
 from agent.experiment import ExperimentRun
+from agent.intake import parse_message
 from agent.metadata_report import render_table, summarize
-from agent.request import parse_request
 from tests.conftest import Layout
 from tests.s3_requests import s3_message
 from tests.services.s3 import S3Server
@@ -40,7 +40,7 @@ print("the end")
 def run_once(lay: Layout, body: bytes, **settings: object) -> None:
     current = lay.settings().model_copy(update=settings)
     outcome = ExperimentRun(
-        parse_request(body), current, build_executor(current), "local_meta"
+        parse_message(body), current, build_executor(current), "local_meta"
     ).run()
     assert outcome.status == "completed", outcome.detail
 

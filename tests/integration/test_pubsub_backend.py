@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.errors import ConfigError
+from agent.intake import parse_message
 from agent.queues import backend_class
 from agent.queues.base import Delivery, QueueFilter
 from agent.queues.pubsub import HOLD_GRACE, PubSubQueue
-from agent.request import parse_request
 from agent.submit import Submission, prepare
 from tests.conftest import write_workspace
 from tests.services.pubsub import PubSubEmulator
@@ -259,7 +259,7 @@ def test_studioml_body_round_trips_byte_for_byte(
 
     delivery = take(make())
     assert delivery.body == body
-    assert parse_request(delivery.body).key == submission.key
+    assert parse_message(delivery.body).key == submission.key
     delivery.ack()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.request import parse_request
+from agent.intake import parse_message
 from tests.conftest import (
     AgentProcess,
     Layout,
@@ -64,7 +64,7 @@ def test_client_submission_served_and_read_back(
     )
     [message] = (home / "queue" / "local_x").iterdir()
     raw = json.loads(message.read_bytes())
-    request = parse_request(message.read_bytes())
+    request = parse_message(message.read_bytes())
     assert request.to_wire() == raw  # what the real client writes round-trips unchanged
     assert request.experiment.args == ["10", "'hello world'"]
 

@@ -20,7 +20,7 @@ from agent.gpus import (
     load_inventory,
     visible_cards,
 )
-from agent.request import parse_request
+from agent.intake import parse_message
 from agent.settings import load_settings
 
 A = Card(0, "GPU-aaaa1111-0000-0000-0000-000000000000", "Tesla V100", 16 * 2**30)
@@ -147,7 +147,7 @@ class NoExecutor(Executor):
 
 def test_the_request_cannot_widen_its_cards_through_config_env(tmp_path: Path) -> None:
     body = {"experiment": {"key": "k"}, "config": {"env": {"CUDA_VISIBLE_DEVICES": "all"}}}
-    request = parse_request(json.dumps(body).encode())
+    request = parse_message(json.dumps(body).encode())
     settings = load_settings(None, state_dir=tmp_path, certs_dir=None)
     run = ExperimentRun(request, settings, NoExecutor(), gpus=(B.uuid,))
     assert run.ctx.gpus == (B.uuid,)

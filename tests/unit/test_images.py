@@ -21,6 +21,7 @@ from agent.executors.images import (
 )
 from agent.executors.singularity import env_file_text, flavor_of, lacks_sys_resource
 from agent.request import Artifact, Request, StudioConfig
+from agent.storage.base import StorageOptions
 
 
 def make_request(artifact: Artifact | None, storage: dict[str, str] | None = None) -> Request:
@@ -93,6 +94,11 @@ def store_sif(root: Path, payload: bytes) -> tuple[Artifact, StudioConfig]:
     return Artifact(key=key, local="/elsewhere/img.sif"), config
 
 
+def local_policy(root: Path) -> StorageOptions:
+    """The policy of a local queue whose local stores lie under ``root``."""
+    return StorageOptions(local_roots=(root,))
+
+
 def no_pull(uri: str, target: Path, log: BinaryIO) -> None:
     raise AssertionError(f"no pull expected, got {uri}")
 
@@ -102,11 +108,11 @@ def test_stored_image_is_downloaded_once_and_named_by_content(tmp_path: Path) ->
     images = ImageStore(tmp_path / "cache", no_pull)
     ref = ImageRef("file", artifact.key or "", artifact)
     log = io.BytesIO()
-    first = images.materialize(ref, config, log)
+    first = images.materialize(ref, config, log, local_policy(tmp_path))
     assert first.digest == hashlib.sha256(b"SIF-bytes").hexdigest()
     assert first.path.read_bytes() == b"SIF-bytes"
     shutil.rmtree(tmp_path / "store")  # a second download would now fail
-    again = images.materialize(ref, config, log)
+    again = images.materialize(ref, config, log, local_policy(tmp_path))
     assert again == first
     assert b"using the cached image of blobstore/" in log.getvalue()
     assert not list((tmp_path / "cache" / "incoming").iterdir())
@@ -123,17 +129,26 @@ def test_stored_artifact_must_hold_one_image(tmp_path: Path) -> None:
     key.write_bytes(spool.getvalue())
     images = ImageStore(tmp_path / "cache", no_pull)
     with pytest.raises(EnvironmentFailed, match="one image file; it holds 2"):
-        images.materialize(ImageRef("file", "k", artifact), config, io.BytesIO())
+        images.materialize(
+            ImageRef("file", "k", artifact), config, io.BytesIO(), local_policy(tmp_path)
+        )
 
 
 def test_host_path_digest_is_remembered(tmp_path: Path) -> None:
     image = tmp_path / "x.sif"
     image.write_bytes(b"abc")
     images = ImageStore(tmp_path / "cache", no_pull)
-    found = images.materialize(ImageRef("file", str(image)), StudioConfig(), io.BytesIO())
+    found = images.materialize(
+        ImageRef("file", str(image)), StudioConfig(), io.BytesIO(), local_policy(tmp_path)
+    )
     assert (found.path, found.digest) == (image, hashlib.sha256(b"abc").hexdigest())
     with pytest.raises(EnvironmentFailed, match="cannot be used"):
-        images.materialize(ImageRef("file", str(tmp_path / "no")), StudioConfig(), io.BytesIO())
+        images.materialize(
+            ImageRef("file", str(tmp_path / "no")),
+            StudioConfig(),
+            io.BytesIO(),
+            local_policy(tmp_path),
+        )
 
 
 def test_pull_happens_once_per_reference(tmp_path: Path) -> None:
@@ -146,8 +161,8 @@ def test_pull_happens_once_per_reference(tmp_path: Path) -> None:
 
     images = ImageStore(tmp_path / "cache", fake_pull)
     ref = ImageRef("docker", "docker://python:3.11")
-    first = images.materialize(ref, StudioConfig(), io.BytesIO())
-    second = images.materialize(ref, StudioConfig(), io.BytesIO())
+    first = images.materialize(ref, StudioConfig(), io.BytesIO(), local_policy(tmp_path))
+    second = images.materialize(ref, StudioConfig(), io.BytesIO(), local_policy(tmp_path))
     assert first == second
     assert pulls == ["docker://python:3.11"]
     assert first.digest == hashlib.sha256(b"pulled docker://python:3.11").hexdigest()

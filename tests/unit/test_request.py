@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 
 from agent.errors import BadRequest
-from agent.request import REDACTED, parse_request, redact
+from agent.intake import parse_message
+from agent.request import REDACTED, redact
 
-EXAMPLE = (
-    Path(__file__).resolve().parents[3] / "shared" / "reference" / "example_message_redacted.json"
-)
+# A real 0.0.49 message (credentials redacted), kept with the tests.
+EXAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "example_message_redacted.json"
 
 
 def minimal(**experiment: object) -> bytes:
@@ -17,7 +17,7 @@ def minimal(**experiment: object) -> bytes:
 
 def test_example_message_round_trips_unchanged() -> None:
     raw = json.loads(EXAMPLE.read_bytes())
-    request = parse_request(EXAMPLE.read_bytes())
+    request = parse_message(EXAMPLE.read_bytes())
     assert request.to_wire() == raw
     assert request.key == raw["experiment"]["key"]
     assert request.experiment.artifacts["workspace"].mutable is False
@@ -45,7 +45,7 @@ def test_sloppy_client_types_are_coerced() -> None:
             "config": {"env": {"SEED": 7, "FLAG": True}, "pip": None},
         }
     ).encode()
-    request = parse_request(body)
+    request = parse_message(body)
     assert request.experiment.args == ["10", "--lr", "0.1"]
     assert request.experiment.pythonver == "3.11"
     needs = request.experiment.resources_needed
@@ -59,7 +59,7 @@ def test_unknown_keys_are_kept() -> None:
     body = json.dumps(
         {"experiment": {"key": "k", "project_version": "v2"}, "config": {"x": {"y": 1}}, "z": 1}
     )
-    assert parse_request(body.encode()).to_wire() == json.loads(body)
+    assert parse_message(body.encode()).to_wire() == json.loads(body)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_unknown_keys_are_kept() -> None:
 )
 def test_bad_messages_are_rejected_with_a_reason(body: bytes, reason: str) -> None:
     with pytest.raises(BadRequest, match=reason.replace(".", r"\.")):
-        parse_request(body)
+        parse_message(body)
 
 
 def test_time_limit_is_the_smallest_of_duration_lifetime_and_cap() -> None:
@@ -89,12 +89,12 @@ def test_time_limit_is_the_smallest_of_duration_lifetime_and_cap() -> None:
             "config": {"experimentLifetime": "30m"},
         }
     )
-    request = parse_request(body.encode())
+    request = parse_message(body.encode())
     assert request.time_limit(now) == pytest.approx(1200)
     assert request.time_limit(now + 900) == pytest.approx(300)
     assert not request.expired(now)
     assert request.expired(now + 1200)
-    assert parse_request(minimal()).time_limit(now) == 96 * 3600
+    assert parse_message(minimal()).time_limit(now) == 96 * 3600
 
 
 def test_redact_hides_credentials_but_keeps_shape() -> None:

@@ -190,10 +190,9 @@ def test_bad_endpoint_is_a_bad_request() -> None:
         resolve("output", artifact(""), config())
 
 
-def test_endpoint_botocore_refuses_is_a_bad_request_on_first_use() -> None:
-    store, key = s3(artifact("bad host:9000"), config())
-    with pytest.raises(BadRequest, match="S3 endpoint http://bad host:9000"):
-        store.exists(key)
+def test_an_endpoint_that_is_not_a_host_is_refused_before_any_use() -> None:
+    with pytest.raises(BadRequest, match="bad S3 endpoint 'bad host:9000'"):
+        s3(artifact("bad host:9000"), config())
 
 
 def test_s3_type_without_bucket_or_key_is_a_bad_request() -> None:
@@ -212,7 +211,9 @@ def test_local_storage_still_wins_for_local_config(tmp_path: Any) -> None:
     cfg = StudioConfig.model_validate(
         {"storage": {"type": "local", "endpoint": str(tmp_path), "bucket": "artifacts"}}
     )
-    store, _ = resolve("output", artifact("127.0.0.1:5123"), cfg)
+    store, _ = resolve(
+        "output", artifact("127.0.0.1:5123"), cfg, StorageOptions(local_roots=(tmp_path,))
+    )
     assert isinstance(store, LocalStorage)
 
 

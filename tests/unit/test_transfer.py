@@ -9,8 +9,14 @@ import pytest
 from agent.errors import ArtifactMissing, BadRequest, UnsafeArchive
 from agent.request import Artifact, StudioConfig
 from agent.storage import resolve
+from agent.storage.base import StorageOptions
 from agent.storage.local import LocalStorage
 from agent.storage.transfer import fetch, upload
+
+
+def policy(root: Path) -> StorageOptions:
+    """A local queue's policy, with its local stores under ``root``."""
+    return StorageOptions(local_roots=(root,))
 
 
 def config(store: Path) -> StudioConfig:
@@ -21,7 +27,7 @@ def config(store: Path) -> StudioConfig:
 
 def test_resolve_ignores_the_clients_broken_file_url(tmp_path: Path) -> None:
     art = Artifact(key="experiments/k/output.tar", qualified="file://tmp/elsewhere/output.tar")
-    store, key = resolve("output", art, config(tmp_path))
+    store, key = resolve("output", art, config(tmp_path), policy(tmp_path))
     assert isinstance(store, LocalStorage)
     assert store.describe(key) == str(tmp_path / "artifacts" / "experiments/k/output.tar")
 
@@ -29,13 +35,15 @@ def test_resolve_ignores_the_clients_broken_file_url(tmp_path: Path) -> None:
 def test_resolve_accepts_a_well_formed_file_url_without_storage_config(tmp_path: Path) -> None:
     target = tmp_path / "obj.tar"
     art = Artifact(key="x", qualified=f"file://{target}")
-    store, key = resolve("workspace", art, StudioConfig())
+    store, key = resolve("workspace", art, StudioConfig(), policy(tmp_path))
     assert store.describe(key) == str(target)
 
 
 def test_unknown_storage_is_a_clear_rejection(tmp_path: Path) -> None:
     cfg = StudioConfig.model_validate({"storage": {"type": "gcs", "bucket": "b"}})
     with pytest.raises(BadRequest, match="storage type 'gcs'"):
+        resolve("workspace", Artifact(key="k"), cfg)
+    with pytest.raises(BadRequest, match="storage scheme 'gs' is not supported"):
         resolve("workspace", Artifact(key="k", qualified="gs://b/k"), cfg)
 
 
@@ -44,9 +52,9 @@ def test_upload_then_fetch_round_trip(tmp_path: Path) -> None:
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "a.txt").write_text("alpha")
     art = Artifact(key="experiments/k/modeldir.tar", mutable=True)
-    assert upload("modeldir", art, config(tmp_path / "store"), src) > 0
+    assert upload("modeldir", art, config(tmp_path / "store"), src, policy(tmp_path)) > 0
     dest = tmp_path / "dest"
-    assert fetch("modeldir", art, config(tmp_path / "store"), dest, 0) == 5
+    assert fetch("modeldir", art, config(tmp_path / "store"), dest, 0, policy(tmp_path)) == 5
     assert (dest / "sub" / "a.txt").read_text() == "alpha"
 
 
@@ -55,19 +63,18 @@ def test_retval_is_one_dot_slash_member(tmp_path: Path) -> None:
     src.mkdir()
     (src / "retval").write_bytes(b"\x80\x04result")
     art = Artifact(key="experiments/k/retval.tar", mutable=True)
-    upload("retval", art, config(tmp_path / "store"), src)
+    upload("retval", art, config(tmp_path / "store"), src, policy(tmp_path))
     with tarfile.open(tmp_path / "store" / "artifacts" / "experiments/k/retval.tar") as tar:
         assert tar.getnames() == ["./retval"]
 
 
 def test_missing_mutable_is_empty_but_missing_input_is_an_error(tmp_path: Path) -> None:
     cfg = config(tmp_path / "store")
-    assert (
-        fetch("tb", Artifact(key="experiments/k/tb.tar", mutable=True), cfg, tmp_path / "tb", 0)
-        == 0
-    )
+    tb = Artifact(key="experiments/k/tb.tar", mutable=True)
+    assert fetch("tb", tb, cfg, tmp_path / "tb", 0, policy(tmp_path)) == 0
     with pytest.raises(ArtifactMissing, match=r"blobstore/none\.tar"):
-        fetch("workspace", Artifact(key="blobstore/none.tar"), cfg, tmp_path / "ws", 0)
+        ws = Artifact(key="blobstore/none.tar")
+        fetch("workspace", ws, cfg, tmp_path / "ws", 0, policy(tmp_path))
 
 
 def test_unpack_false_keeps_the_object_under_its_basename(tmp_path: Path) -> None:
@@ -75,7 +82,9 @@ def test_unpack_false_keeps_the_object_under_its_basename(tmp_path: Path) -> Non
     store.mkdir(parents=True)
     (store / "weights.bin").write_bytes(b"raw")
     art = Artifact(key="data/weights.bin", unpack=False)
-    assert fetch("data", art, config(tmp_path / "store"), tmp_path / "data", 0) == 3
+    assert (
+        fetch("data", art, config(tmp_path / "store"), tmp_path / "data", 0, policy(tmp_path)) == 3
+    )
     assert (tmp_path / "data" / "weights.bin").read_bytes() == b"raw"
 
 
@@ -84,7 +93,8 @@ def test_unpack_of_a_non_tar_key_is_refused(tmp_path: Path) -> None:
     store.mkdir(parents=True)
     (store / "notes.txt").write_text("x")
     with pytest.raises(BadRequest, match="not a tar"):
-        fetch("notes", Artifact(key="notes.txt"), config(tmp_path / "store"), tmp_path / "n", 0)
+        notes = Artifact(key="notes.txt")
+        fetch("notes", notes, config(tmp_path / "store"), tmp_path / "n", 0, policy(tmp_path))
 
 
 def test_hdd_budget_caps_extraction(tmp_path: Path) -> None:
@@ -103,6 +113,7 @@ def test_hdd_budget_caps_extraction(tmp_path: Path) -> None:
             config(tmp_path / "store"),
             tmp_path / "ws",
             1000,
+            policy(tmp_path),
         )
 
 

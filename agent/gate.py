@@ -1,0 +1,91 @@
+"""The gate every delivery passes before it runs: bounded parse, the trust of its source, a fair
+count of its attempts, and room on this machine.
+
+What fails here never runs and is never lost: it is set aside under ``<state>/rejected/`` with
+the reason, reported, and acknowledged. Nothing a message holds can raise out of ``admit``.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from agent import setaside, trust
+from agent.errors import BadRequest
+from agent.intake import parse_message
+from agent.ledger import Ledger, Record
+from agent.queues.base import Delivery, QueueBackend
+from agent.report.events import Event, Events
+from agent.request import Request
+from agent.resources import Admission, Grant
+from agent.settings import Settings
+from agent.storage.base import StorageOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ticket:
+    """A delivery let through: what it asks, where it may point, what it holds."""
+
+    request: Request
+    storage: StorageOptions
+    record: Record
+    grant: Grant
+    attempts: int
+
+
+class Gate:
+    def __init__(self, settings: Settings, admission: Admission, events: Events):
+        self.settings = settings
+        self.admission = admission
+        self.events = events
+        self.ledger = Ledger(settings.state_dir / "ledger")
+
+    def admit(self, backend: QueueBackend, delivery: Delivery) -> Ticket | None:
+        """A ticket to run, or None: set aside, or returned to wait for room."""
+        record = self.ledger.begin(delivery)
+        if record.crashes >= self.settings.max_crashes:
+            reason = (
+                f"the agent died {record.crashes} times while parsing or fetching this message "
+                f"(max_crashes {self.settings.max_crashes}): suspected of crashing it"
+            )
+            self.set_aside(delivery, "rejected", reason, record)
+            return None
+        try:
+            request, storage = self._take(backend, delivery)
+        except BadRequest as exc:
+            self.set_aside(delivery, "rejected", f"malformed message: {exc}", record)
+            return None
+        except Exception as exc:  # a bug in intake: never a crash, never a loop
+            log.exception("taking message %s failed", delivery.message_id)
+            self.set_aside(delivery, "rejected", f"agent error while taking it: {exc!r}", record)
+            return None
+        self.ledger.enter(record, "fetching", request.key)
+        attempts = delivery.delivery_count - record.excused
+        if attempts > self.settings.max_attempts:
+            reason = f"handed out {attempts} times (max_attempts {self.settings.max_attempts})"
+            self.set_aside(delivery, "rejected", reason, record)
+            return None
+        resources = request.experiment.resources_needed
+        grant = self.admission.take(backend, delivery, request.key, resources)
+        if grant is None:
+            self.ledger.excuse(record)  # returned for lack of room: not an attempt
+            return None
+        return Ticket(request, storage, record, grant, attempts)
+
+    def _take(self, backend: QueueBackend, delivery: Delivery) -> tuple[Request, StorageOptions]:
+        """Parse (bounded) and check the message against the trust of where it came from."""
+        request = parse_message(delivery.body, self.settings.max_message_size)
+        storage = trust.storage_options(self.settings, local_source=backend.kind == "local")
+        trust.check_request(request, storage)
+        return request, storage
+
+    def set_aside(self, delivery: Delivery, kind: str, reason: str, record: Record) -> None:
+        """Keep the raw message and why under ``<state>/<kind>/``, then acknowledge it."""
+        kept = setaside.keep(self.settings.state_dir, kind, delivery, reason)
+        text = f"message {record.where()} set aside in {kept}: {reason}"
+        fields = {"QUEUE": delivery.queue, "BACKEND": delivery.backend, "SET_ASIDE": kind}
+        if record.key:
+            fields["EXPERIMENT_KEY"] = record.key
+        self.events.emit(Event("message_rejected", text, fields, level=logging.ERROR))
+        delivery.ack()
+        self.ledger.settled(record)
