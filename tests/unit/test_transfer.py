@@ -72,8 +72,8 @@ def test_missing_mutable_is_empty_but_missing_input_is_an_error(tmp_path: Path) 
     cfg = config(tmp_path / "store")
     tb = Artifact(key="experiments/k/tb.tar", mutable=True)
     assert fetch("tb", tb, cfg, tmp_path / "tb", 0, policy(tmp_path)) == 0
+    ws = Artifact(key="blobstore/none.tar")
     with pytest.raises(ArtifactMissing, match=r"blobstore/none\.tar"):
-        ws = Artifact(key="blobstore/none.tar")
         fetch("workspace", ws, cfg, tmp_path / "ws", 0, policy(tmp_path))
 
 
@@ -92,8 +92,8 @@ def test_unpack_of_a_non_tar_key_is_refused(tmp_path: Path) -> None:
     store = tmp_path / "store" / "artifacts"
     store.mkdir(parents=True)
     (store / "notes.txt").write_text("x")
+    notes = Artifact(key="notes.txt")
     with pytest.raises(BadRequest, match="not a tar"):
-        notes = Artifact(key="notes.txt")
         fetch("notes", notes, config(tmp_path / "store"), tmp_path / "n", 0, policy(tmp_path))
 
 
