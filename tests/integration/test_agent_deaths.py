@@ -1,0 +1,118 @@
+"""Repeated ``kill -9`` of the agent: whose fault each death was decides what it costs a message.
+
+A death while an experiment runs is not the message's fault, however often it happens; a death
+while the agent itself works on the message (parsing, fetching its artifacts) makes the message a
+suspect, and after ``max_crashes`` such deaths it is set aside, named in the log, while innocent
+messages behind it run.
+"""
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.queues.local import enqueue
+from tests.conftest import AgentProcess, Layout, submit_script, wait_until
+from tests.s3_requests import s3_message
+from tests.services.s3 import S3Server
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[[Layout], AgentProcess]
+
+SLOW = """
+import os, sys, time
+open(os.path.join(sys.argv[1], os.environ["STUDIOML_EXPERIMENT"] + "-%d" % os.getpid()), "w")
+time.sleep(float(sys.argv[2]))
+print("done")
+"""
+
+
+def finished(lay: Layout, key: str) -> bool:
+    record = lay.storage / "meta" / "experiments" / key
+    return record.exists() and json.loads(record.read_text()).get("status") == "finished"
+
+
+def test_agent_deaths_while_experiments_run_set_no_innocent_message_aside(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
+    lay = layout(max_attempts=3)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    keys = [submit_script(lay, SLOW, str(runs), "1.5").key for _ in range(3)]
+    for kill in range(6):  # twice max_attempts, each while an experiment runs
+        agent = start_agent(lay)
+        wait_until(lambda n=kill: len(list(runs.iterdir())) > n, timeout=120, what="a run")
+        agent.kill()
+    agent = start_agent(lay)
+    wait_until(lambda: all(finished(lay, k) for k in keys), timeout=180, what="all finished")
+    assert agent.stop() == 0
+    rejected = lay.state_dir / "rejected"
+    assert not rejected.exists() or not any(rejected.iterdir())
+    assert lay.queue_files("local_test") == []
+    assert not list((lay.state_dir / "ledger").iterdir())  # settled: nothing remembered
+    # A returned local message keeps its place in line, so one message took every death.
+    per_key = [sum(p.name.startswith(k) for p in runs.iterdir()) for k in keys]
+    assert max(per_key) > 3, per_key
+
+
+@pytest.fixture
+def stalling_server() -> Iterator[str]:
+    """host:port of a TCP server that accepts and never answers: a fetch from it hangs."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+@pytest.mark.s3
+def test_a_message_the_agent_keeps_dying_on_is_set_aside_and_named(
+    s3_server: S3Server,
+    stalling_server: str,
+    layout: Callable[..., Layout],
+    start_agent: Start,
+    tmp_path: Path,
+) -> None:
+    lay = layout(max_crashes=2)
+    host = s3_server.endpoint.partition("://")[2]
+    stuck = s3_message(s3_server, "stuck1", "print('never')\n", [], tmp_path)
+    enqueue(lay.queue_root, "local_test", stuck.replace(host.encode(), stalling_server.encode()))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    innocent = submit_script(lay, SLOW, str(runs), "0").key
+    for deaths in range(2):  # each time while fetching from the stalled server
+        agent = start_agent(lay)
+        agent.wait_for_log("experiment stuck1 from")  # then it fetches, and hangs there
+        agent.kill()
+        assert "stuck1" not in "".join(p.name for p in runs.iterdir()), deaths
+    agent = start_agent(lay)
+    wait_until(lambda: finished(lay, innocent), timeout=120, what="the innocent one finished")
+    assert agent.stop() == 0
+    log = agent.log()
+    assert "suspected of crashing it (2)" in log  # which message, said at start
+    assert "local_test/" in log
+    assert "(experiment stuck1)" in log
+    [reason] = (lay.state_dir / "rejected").glob("*.reason.json")
+    text = json.loads(reason.read_text())["reason"]
+    assert "the agent died 2 times while parsing or fetching this message" in text
+    kept = reason.with_name(reason.name.removesuffix(".reason.json"))
+    assert b"stuck1" in kept.read_bytes()  # kept whole, never dropped
