@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     # Local stores a message from a local queue may name (unset: <state_dir>/storage); a message
     # from a broker may never name a host path.
     local_storage: list[Path] | None = None
+    # Local stores a message from a broker may name too: only a filesystem that every agent and
+    # every submitter mounts (NFS), whose contents any submitter may read anyway. Empty: none.
+    broker_local_storage: list[Path] = Field(default_factory=list)
     max_message_size: Size = parse_size("4MiB")  # a bigger body is set aside unread
     # A message the agent was parsing or preparing when it died this many times is set aside.
     max_crashes: int = Field(default=3, ge=1)
@@ -194,7 +197,7 @@ class Settings(BaseSettings):
             return (self.state_dir / "storage",)
         return tuple(self.local_storage)
 
-    @field_validator("local_storage")
+    @field_validator("local_storage", "broker_local_storage")
     @classmethod
     def _absolute_paths(cls, value: list[Path] | None) -> list[Path] | None:
         for path in value or []:

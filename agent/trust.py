@@ -2,7 +2,8 @@
 
 A message is only as trusted as its source. One from a broker (RabbitMQ, SQS, Pub/Sub) comes from
 anyone with publish rights on a queue: it may name S3 storage, reached with its own credentials,
-and nothing on this host. One from a local queue comes from a user of this machine: it may also
+and nothing on this host (unless the operator lists a shared filesystem in
+``broker_local_storage``). One from a local queue comes from a user of this machine: it may also
 name a local store, but only inside the stores listed in ``local_storage``. Either way, what the
 experiment uploads goes under ``experiments/<key>/`` and nowhere else.
 
@@ -27,7 +28,11 @@ def storage_options(settings: Settings, local_source: bool) -> StorageOptions:
     return StorageOptions(
         s3_ca_bundle=settings.s3_ca_bundle,
         s3_verify=settings.s3_verify,
-        local_roots=settings.effective_local_storage if local_source else (),
+        local_roots=(
+            settings.effective_local_storage
+            if local_source
+            else tuple(settings.broker_local_storage)
+        ),
         s3_endpoints=tuple(settings.s3_endpoints),
     )
 

@@ -69,8 +69,11 @@ def layout(tmp_path: Path, venv_cache: Path) -> Callable[..., Layout]:
             "poll_interval": 0.05,
             "checkpoint_min_interval": "0s",
             "certs_dir": str(tmp_path / "certs"),
-            # submit_script's store: local-queue messages may name it (agent.trust).
+            # submit_script's store: local-queue messages may name it (agent.trust), and so may
+            # broker messages here, as on a shared filesystem; tests of the default (brokers name
+            # S3 only) set broker_local_storage back to [].
             "local_storage": [str(tmp_path / "store")],
+            "broker_local_storage": [str(tmp_path / "store")],
             # A free port per agent: the default 127.0.0.1:9090 would collide between tests.
             "metrics_address": "127.0.0.1:0",
         }

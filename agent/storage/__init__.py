@@ -68,7 +68,10 @@ def allowed_root(path: Path, roots: tuple[Path, ...], what: str) -> Path:
         if real.is_relative_to(root.resolve()):
             return real
     listed = ", ".join(str(r) for r in roots)
-    raise BadRequest(f"{what}: local storage {path} is outside local_storage ({listed})")
+    raise BadRequest(
+        f"{what}: local storage {path} is outside the stores its source may name ({listed}; "
+        "local_storage, or broker_local_storage for a broker's message)"
+    )
 
 
 def local_root(store: StoreConfig, roots: tuple[Path, ...], what: str) -> Path:

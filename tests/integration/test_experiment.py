@@ -111,11 +111,8 @@ def test_timeout_kills_the_whole_process_tree(
     lay = layout()
     pids_file = tmp_path / "pids"
     request = submit_script(lay, FAMILY, str(pids_file), max_duration="3s")
-    started = time.monotonic()
     outcome = run(lay, request)
-    took = time.monotonic() - started
-    assert outcome.status == "timeout"
-    assert took < 30
+    assert outcome.status == "timeout"  # not "completed": the 300 s sleep never ended
     pids = [int(p) for p in pids_file.read_text().split()]
     wait_until(lambda: not any(alive(p) for p in pids), timeout=10, what="process tree gone")
     output = read_output(lay, request.key)

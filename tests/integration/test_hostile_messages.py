@@ -99,7 +99,7 @@ def test_each_hostile_class_is_set_aside_and_the_agent_serves_on(
     base = json.loads(s3_message(s3_server, "hostile1", HELLO, [], tmp_path))
     base["experiment"]["resources_needed"] = {"cpus": 1, "gpus": 0, "ram": "1gb", "hdd": "1gb"}
     corpus = hostile_corpus(base, secret, target)
-    lay = rmq_layout(layout, rabbitmq, QUEUE, keep_workdir=True)
+    lay = rmq_layout(layout, rabbitmq, QUEUE, keep_workdir=True, broker_local_storage=[])
     agent = start_agent(lay)
     for body in corpus.values():
         publish(rabbitmq, QUEUE, body)

@@ -139,17 +139,15 @@ def test_consumer_timeout_closes_channel_holding_unacked_delivery(
     finally:
         rabbitmq.set_consumer_timeout(DEFAULT_CONSUMER_TIMEOUT_MS)
         rabbitmq.delete_queue(queue)
-    elapsed, reason = closed
+    reason = closed
     assert reason.reply_code == 406
     assert "delivery acknowledgement on channel 1 timed out" in reason.reply_text
-    # The timeout, plus at most one 1 s channel tick, plus slack for a loaded machine.
-    assert 2.0 <= elapsed < 4.5, elapsed
 
 
 def hold_unacked_until_closed(
     conn: BlockingConnection, queue: str
-) -> tuple[float, pika.exceptions.ChannelClosedByBroker]:
-    """basic.get one message without acking; return when and why the broker closed the channel."""
+) -> pika.exceptions.ChannelClosedByBroker:
+    """basic.get one message without acking; return why the broker closed the channel."""
     ch = conn.channel()  # opened after set_consumer_timeout: channels read it when they open
     reasons: list[pika.exceptions.ChannelClosedByBroker] = []
     ch._impl.add_on_close_callback(lambda _ch, exc: reasons.append(exc))
@@ -161,4 +159,4 @@ def hold_unacked_until_closed(
     while ch.is_open and time.monotonic() - start < 30:
         conn.process_data_events(time_limit=0.05)
     assert reasons, "the broker did not close the channel within 30 s"
-    return time.monotonic() - start, reasons[0]
+    return reasons[0]

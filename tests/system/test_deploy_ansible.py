@@ -24,9 +24,10 @@ import yaml
 from tests.services.deb import studio_agent_deb_fixture, with_version  # noqa: F401
 from tests.services.nspawn import Container
 from tests.services.rabbitmq import RabbitBroker
+from tests.services.s3 import S3Server
 from tests.system import deploy
 
-pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.s3]
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_BIN = REPO / ".cache" / "ansible" / "bin"
@@ -119,10 +120,10 @@ def test_first_run_installs_configures_and_starts(deployed: tuple[Container, Pat
 
 
 def test_a_dropped_credential_serves_its_queue(
-    deployed: tuple[Container, Path, Run], rabbitmq: RabbitBroker
+    deployed: tuple[Container, Path, Run], rabbitmq: RabbitBroker, s3_server: S3Server
 ) -> None:
     c, _, _ = deployed
-    deploy.check_serves_a_credential(c, rabbitmq, QUEUE)
+    deploy.check_serves_a_credential(c, rabbitmq, s3_server, QUEUE)
 
 
 def test_second_run_changes_nothing(
@@ -155,7 +156,10 @@ def test_credentials_from_variables(
 
 
 def test_upgrade_drains_then_restarts_and_keeps_config_and_certs(
-    deployed: tuple[Container, Path, Run], studio_agent_deb: Path, rabbitmq: RabbitBroker
+    deployed: tuple[Container, Path, Run],
+    studio_agent_deb: Path,
+    rabbitmq: RabbitBroker,
+    s3_server: S3Server,
 ) -> None:
     c, workdir, _ = deployed
     newer = with_version(studio_agent_deb, "0.1.0+systest1", workdir)
@@ -163,10 +167,11 @@ def test_upgrade_drains_then_restarts_and_keeps_config_and_certs(
     c.run(["sed", "-i", "s/^# log_level: info/log_level: debug/", "/etc/studio-agent/agent.yaml"])
     c.run(["systemctl", "restart", deploy.UNIT])
     certs_before = c.run(["find", deploy.CERTS, "-printf", "%P %u %m\\n"]).stdout
-    # Runs longer than drain_timeout: the upgrade's stop cuts it and returns its message, and
-    # the new version runs it again.
+    # Runs for 600 s the first time, far longer than the playbook takes to reach the upgrade:
+    # the upgrade's stop finds it running, cuts it at drain_timeout and returns its message,
+    # and the new version runs it again (a second run ends at once, see deploy.SCRIPT).
     key = f"{QUEUE}-upgrade"
-    deploy.publish(c, rabbitmq, QUEUE, key, DRAIN + 3)
+    deploy.publish(rabbitmq, s3_server, QUEUE, key, 600)
     running = lambda: key in c.show(deploy.UNIT, "StatusText")["StatusText"]  # noqa: E731
     deploy.wait_for(running, "the experiment to start", 120)
     variables = base_vars(studio_agent_deb)
@@ -179,12 +184,15 @@ def test_upgrade_drains_then_restarts_and_keeps_config_and_certs(
     assert "log_level: debug" in c.run(["cat", "/etc/studio-agent/agent.yaml"]).stdout
     assert c.run(["find", deploy.CERTS, "-printf", "%P %u %m\\n"]).stdout == certs_before
     assert deploy.journal_has(c, "studio-agent stopping: draining 1 experiment(s)")
-    deploy.wait_for(lambda: deploy.experiment_status(c, key) == "finished", "re-run", 180)
+    assert deploy.journal_has(c, "drain time is up")
+    deploy.wait_for(lambda: deploy.finished(s3_server, key), "re-run", 180)
 
 
-def test_stop_drains(deployed: tuple[Container, Path, Run], rabbitmq: RabbitBroker) -> None:
+def test_stop_drains(
+    deployed: tuple[Container, Path, Run], rabbitmq: RabbitBroker, s3_server: S3Server
+) -> None:
     c, _, _ = deployed
-    deploy.check_stop_drains(c, rabbitmq, QUEUE, DRAIN)
+    deploy.check_stop_drains(c, rabbitmq, s3_server, QUEUE)
 
 
 def test_purge_removes_what_the_package_created(deployed: tuple[Container, Path, Run]) -> None:

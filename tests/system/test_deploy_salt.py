@@ -24,9 +24,10 @@ import yaml
 from tests.services.deb import studio_agent_deb_fixture  # noqa: F401
 from tests.services.nspawn import Container, cache_dir
 from tests.services.rabbitmq import RabbitBroker
+from tests.services.s3 import S3Server
 from tests.system import deploy
 
-pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.s3]
 
 REPO = Path(__file__).resolve().parents[2]
 SALT_VERSION = "3008.3"
@@ -140,10 +141,10 @@ def test_first_apply_installs_configures_and_starts(applied: tuple[Container, Ap
 
 
 def test_a_dropped_credential_serves_its_queue(
-    applied: tuple[Container, Apply], rabbitmq: RabbitBroker
+    applied: tuple[Container, Apply], rabbitmq: RabbitBroker, s3_server: S3Server
 ) -> None:
     c, _ = applied
-    deploy.check_serves_a_credential(c, rabbitmq, QUEUE)
+    deploy.check_serves_a_credential(c, rabbitmq, s3_server, QUEUE)
 
 
 def test_second_apply_changes_nothing(applied: tuple[Container, Apply]) -> None:
@@ -182,9 +183,11 @@ def test_credentials_from_pillar(applied: tuple[Container, Apply], rabbitmq: Rab
     assert c.run(["test", "-e", path], check=False).returncode == 1
 
 
-def test_stop_drains(applied: tuple[Container, Apply], rabbitmq: RabbitBroker) -> None:
+def test_stop_drains(
+    applied: tuple[Container, Apply], rabbitmq: RabbitBroker, s3_server: S3Server
+) -> None:
     c, _ = applied
-    deploy.check_stop_drains(c, rabbitmq, QUEUE, DRAIN)
+    deploy.check_stop_drains(c, rabbitmq, s3_server, QUEUE)
 
 
 def test_clean_removes_everything(applied: tuple[Container, Apply]) -> None:

@@ -52,9 +52,9 @@ def test_a_broker_message_cannot_name_a_local_store(tmp_path: Path) -> None:
 def test_a_local_message_may_name_only_the_listed_stores(tmp_path: Path) -> None:
     allowed = StorageOptions(local_roots=(tmp_path / "store",))
     check_request(local_request(tmp_path / "store", key="blobstore/x.tar"), allowed)
-    with pytest.raises(BadRequest, match="outside local_storage"):
+    with pytest.raises(BadRequest, match="outside the stores its source may name"):
         check_request(local_request(tmp_path / "other", key="blobstore/x.tar"), allowed)
-    with pytest.raises(BadRequest, match="outside local_storage"):
+    with pytest.raises(BadRequest, match="outside the stores its source may name"):
         check_request(local_request(Path("/etc"), key="shadow"), allowed)
 
 
@@ -62,7 +62,7 @@ def test_a_symlink_out_of_a_listed_store_is_refused(tmp_path: Path) -> None:
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "artifacts").symlink_to("/etc")
     allowed = StorageOptions(local_roots=(tmp_path / "store",))
-    with pytest.raises(BadRequest, match="outside local_storage"):
+    with pytest.raises(BadRequest, match="outside the stores its source may name"):
         check_request(local_request(tmp_path / "store", key="shadow"), allowed)
     (tmp_path / "store2" / "artifacts").mkdir(parents=True)
     (tmp_path / "store2" / "artifacts" / "blobstore").symlink_to("/etc")
@@ -152,3 +152,11 @@ def test_a_disallowed_local_database_is_left_alone(tmp_path: Path) -> None:
     assert json.loads(record.read_text()) == {"status": "waiting"}
     assert database.mark_running(config, "k1", (tmp_path,))
     assert json.loads(record.read_text())["status"] == "running"
+
+
+def test_a_shared_filesystem_can_be_opened_to_brokers(tmp_path: Path) -> None:
+    settings = load_settings(None, state_dir=tmp_path, broker_local_storage=[str(tmp_path / "nfs")])
+    broker = storage_options(settings, local_source=False)
+    check_request(local_request(tmp_path / "nfs", key="blobstore/x.tar"), broker)
+    with pytest.raises(BadRequest, match="outside the stores its source may name"):
+        check_request(local_request(tmp_path / "storage", key="blobstore/x.tar"), broker)
