@@ -16,6 +16,7 @@ import pytest
 
 from agent.queues.local import enqueue
 from tests.conftest import AgentProcess, Layout, submit_script, wait_until
+from tests.integration.test_agent import finished
 from tests.s3_requests import s3_message
 from tests.services.s3 import S3Server
 
@@ -29,11 +30,6 @@ open(os.path.join(sys.argv[1], os.environ["STUDIOML_EXPERIMENT"] + "-%d" % os.ge
 time.sleep(float(sys.argv[2]))
 print("done")
 """
-
-
-def finished(lay: Layout, key: str) -> bool:
-    record = lay.storage / "meta" / "experiments" / key
-    return record.exists() and json.loads(record.read_text()).get("status") == "finished"
 
 
 def test_agent_deaths_while_experiments_run_set_no_innocent_message_aside(

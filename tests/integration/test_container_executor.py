@@ -83,7 +83,8 @@ def test_client_container_request_runs_in_the_image(
     """``studio run --container image.sif`` on a venv agent: the client uploads the SIF as an
     immutable ``_singularity`` artifact; the agent routes the request to the container."""
     home, store = tmp_path / "studiohome", tmp_path / "clientstore"
-    lay = layout(queue_root=str(home / "queue"))  # executor: venv (the default)
+    # executor: venv (the default); the client's store is where local_storage lets it be
+    lay = layout(queue_root=str(home / "queue"), local_storage=[str(store)])
     config = write_client_config(tmp_path / "client.yaml", store)
     store.mkdir()
     workspace = tmp_path / "ws"

@@ -36,7 +36,7 @@ def test_client_submission_served_and_read_back(
     tmp_path: Path,
 ) -> None:
     home, store = tmp_path / "studiohome", tmp_path / "clientstore"
-    lay = layout(queue_root=str(home / "queue"))
+    lay = layout(queue_root=str(home / "queue"), local_storage=[str(store)])
     config = write_client_config(tmp_path / "client.yaml", store, saveWorkspaceFrequency="1m")
     store.mkdir()  # the client refuses a store root that does not exist
     workspace = tmp_path / "ws"
