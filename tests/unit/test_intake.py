@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import BadRequest
-from agent.intake import MAX_DEPTH, nesting_depth, parse_message
+from agent.intake import MAX_CONTAINERS, MAX_DEPTH, nesting_depth, parse_message, structure_of
 from agent.request import MAX_ARGS_TOTAL, Request
 from agent.storage.base import StorageOptions
 from agent.trust import check_request
@@ -43,13 +43,18 @@ def test_the_real_message_parses() -> None:
 
 
 def test_a_deeply_nested_body_is_refused_before_json_sees_it() -> None:
-    deep = b'{"experiment": {"key": "k", "info": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}"
+    deep = b'{"experiment": {"key": "k", "info": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
     assert f"at most {MAX_DEPTH}" in refused(deep)
+
+
+def test_a_body_of_too_many_containers_is_refused_before_json_sees_it() -> None:
+    flat = b'{"experiment": {"key": "k", "info": [' + b"[]," * 200_000 + b"[]]}}"
+    assert f"at most {MAX_CONTAINERS}" in refused(flat)
 
 
 def test_nesting_inside_strings_does_not_count() -> None:
     text = json.dumps({"a": "[[[[{{{{" * 1000, "b": ['x"]\\'], "c": {"d": [1]}}).encode()
-    assert nesting_depth(text) == 3
+    assert nesting_depth(structure_of(text)) == 3
 
 
 @pytest.mark.parametrize(
