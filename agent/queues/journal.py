@@ -7,7 +7,9 @@ the message later means deleting the entry (done) or publishing it back (returne
 publishes back whatever it still holds when it starts again.
 
 Layout: ``<root>/<queue>/<id>`` holds the body, ``<id>.json`` what is needed to publish it back.
-The body is written last, so an entry without one is an interrupted write and is ignored.
+The body is written last, so an entry without one is an interrupted write and is ignored. A queue
+name comes from the broker (RabbitMQ allows ``/`` and ``..`` in one), so it names its folder
+percent-encoded: ``rmq_x`` stays ``rmq_x``, ``rmq_/../x`` cannot climb out of ``<root>``.
 """
 
 import contextlib
@@ -19,6 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
+
+
+def folder_name(queue: str) -> str:
+    """One safe path component for ``queue``; ``unquote`` gives the name back."""
+    name = quote(queue, safe="")
+    return name.replace(".", "%2E") if name in ("", ".", "..") else name
 
 
 @dataclass
@@ -49,15 +58,18 @@ class Journal:
 
     def keep(self, queue: str, body: bytes, meta: dict[str, Any]) -> Entry:
         """Store a message durably; return its entry."""
-        folder = self.root / queue
+        folder = self.folder(queue)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         entry = Entry(queue, uuid.uuid4().hex, body, meta)
         write_atomically(folder / f"{entry.entry_id}.json", json.dumps(meta).encode())
         write_atomically(folder / entry.entry_id, body)
         return entry
 
+    def folder(self, queue: str) -> Path:
+        return self.root / folder_name(queue)
+
     def drop(self, entry: Entry) -> None:
-        folder = self.root / entry.queue
+        folder = self.folder(entry.queue)
         (folder / entry.entry_id).unlink(missing_ok=True)
         (folder / f"{entry.entry_id}.json").unlink(missing_ok=True)
 
@@ -72,4 +84,4 @@ class Journal:
                     meta = json.loads((folder / f"{body.name}.json").read_text())
                 except (OSError, ValueError):
                     meta = {}
-                yield Entry(folder.name, body.name, body.read_bytes(), meta)
+                yield Entry(unquote(folder.name), body.name, body.read_bytes(), meta)

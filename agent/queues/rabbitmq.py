@@ -340,7 +340,7 @@ class RabbitQueue(QueueBackend):
                 self.name,
                 entry.queue,
                 entry.entry_id,
-                self.journal.root / entry.queue,
+                self.journal.folder(entry.queue),
             )
             return False
         except _CONNECTION_ERRORS as exc:

@@ -448,7 +448,7 @@ class SqsQueue(QueueBackend):
         return sent
 
     def _kept(self, message: str, queue: str, failure: _Failure) -> None:
-        where = f"{failure.text}; kept in {self.journal.root / queue}"
+        where = f"{failure.text}; kept in {self.journal.folder(queue)}"
         log.error("%s: %s refuses message %s back: %s", self.name, queue, message, where)
 
     def recover(self) -> int:

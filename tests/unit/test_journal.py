@@ -55,3 +55,13 @@ def test_bindings_request_decodes_credentials_as_pika_does() -> None:
 def test_bindings_request_defaults_to_guest() -> None:
     header = bindings_request("http://broker:15672/", "/").get_header("Authorization") or ""
     assert b64decode(header.removeprefix("Basic ")) == b"guest:guest"
+
+
+def test_a_queue_name_cannot_lead_the_journal_out_of_its_root(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    for hostile in ("rmq_/../../../escaped", "..", "rmq_x/y"):
+        entry = journal.keep(hostile, b"body", {})
+        assert (journal.folder(hostile) / entry.entry_id).parent.parent == journal.root
+    assert not (tmp_path / "escaped").exists()
+    assert sorted(e.queue for e in journal.entries()) == ["..", "rmq_/../../../escaped", "rmq_x/y"]
+    assert journal.folder("rmq_plain").name == "rmq_plain"  # existing journals read unchanged
