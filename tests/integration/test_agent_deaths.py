@@ -17,7 +17,9 @@ import pytest
 from agent.queues.local import enqueue
 from tests.conftest import AgentProcess, Layout, submit_script, wait_until
 from tests.integration.test_agent import finished
+from tests.integration.test_rabbitmq_agent import publish, queue_depth, rmq_layout
 from tests.s3_requests import s3_message
+from tests.services.rabbitmq import RabbitBroker
 from tests.services.s3 import S3Server
 
 pytestmark = pytest.mark.integration
@@ -112,3 +114,38 @@ def test_a_message_the_agent_keeps_dying_on_is_set_aside_and_named(
     assert "the agent died 2 times while parsing or fetching this message" in text
     kept = reason.with_name(reason.name.removesuffix(".reason.json"))
     assert b"stuck1" in kept.read_bytes()  # kept whole, never dropped
+
+
+@pytest.mark.s3
+@pytest.mark.rabbitmq
+def test_a_broker_message_in_custody_cannot_crash_agents_in_a_loop(
+    rabbitmq: RabbitBroker,
+    s3_server: S3Server,
+    stalling_server: str,
+    layout: Callable[..., Layout],
+    start_agent: Start,
+    tmp_path: Path,
+) -> None:
+    """The reported loop: the message is in custody, the next start publishes it back, and it
+    would take the agent down again. After max_crashes it is set aside instead."""
+    lay = rmq_layout(layout, rabbitmq, "rmq_stuck", max_crashes=2, broker_local_storage=[])
+    host = s3_server.endpoint.partition("://")[2]
+    stuck = s3_message(s3_server, "stuck2", "print('never')\n", [], tmp_path)
+    publish(rabbitmq, "rmq_stuck", stuck.replace(host.encode(), stalling_server.encode()))
+    for _ in range(2):
+        agent = start_agent(lay)
+        agent.wait_for_log("experiment stuck2 from")
+        agent.kill()
+    agent = start_agent(lay)
+    rejected = lay.state_dir / "rejected"
+    wait_until(lambda: any(rejected.glob("*.reason.json")), timeout=60, what="set aside")
+    honest = s3_message(s3_server, "honest2", "print('served')\n", [], tmp_path)
+    publish(rabbitmq, "rmq_stuck", honest)
+    listing = lambda: s3_server.client().list_objects_v2(Bucket="agent-tests")  # noqa: E731
+    keys = lambda: [o["Key"] for o in listing().get("Contents", [])]  # noqa: E731
+    wait_until(lambda: "experiments/honest2/output.tar" in keys(), 120, "served after it")
+    assert agent.stop() == 0
+    [reason] = rejected.glob("*.reason.json")
+    assert "died 2 times while parsing or fetching" in json.loads(reason.read_text())["reason"]
+    assert queue_depth(rabbitmq, "rmq_stuck") == 0
+    rabbitmq.delete_queue("rmq_stuck")
