@@ -8,7 +8,8 @@ Whose fault the death was depends on what the agent was doing with the message t
 - ``installing``, ``running`` or ``uploading`` (a child process did the work, or the agent was
   moving results): the death was not the message's fault (kill -9, power, OOM killer), so that
   hand-out is excused and does not count towards ``max_attempts``.
-Returns for lack of room (admission) are excused the same way, and all of it survives restarts.
+Returns for lack of room (admission), and runs cut by the agent's own shutdown, are excused the
+same way, and all of it survives restarts.
 
 One small JSON file per message, ``<state>/ledger/<digest>``, named by a digest of the queue and
 the body (the one thing every backend gives back intact). A phase change is one rename; no fsync,

@@ -365,8 +365,10 @@ class Supervisor:
         self._report_outcome(job, outcome)
         if outcome.transient:
             delivery.requeue()
-            self.gate.ledger.returned(job.record)
-            if not self._stop_requests:
+            if self._stop_requests:  # cut or never started by our own shutdown: not an attempt
+                self.gate.ledger.excuse(job.record)
+            else:
+                self.gate.ledger.returned(job.record)
                 # The same trouble (storage down, disk full) would hit the next try at once.
                 backoff = min(
                     self.settings.retry_backoff * 2 ** (delivery.delivery_count - 1), 600.0

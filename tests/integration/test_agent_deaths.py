@@ -1,4 +1,4 @@
-"""Repeated ``kill -9`` of the agent: whose fault each death was decides what it costs a message.
+"""Repeated ``kill -9`` and restarts of the agent: whose fault each was decides what it costs.
 
 A death while an experiment runs is not the message's fault, however often it happens; a death
 while the agent itself works on the message (parsing, fetching its artifacts) makes the message a
@@ -149,3 +149,32 @@ def test_a_broker_message_in_custody_cannot_crash_agents_in_a_loop(
     assert "died 2 times while parsing or fetching" in json.loads(reason.read_text())["reason"]
     assert queue_depth(rabbitmq, "rmq_stuck") == 0
     rabbitmq.delete_queue("rmq_stuck")
+
+
+UNTIL_RELEASED = """
+import os, sys, time
+open(os.path.join(sys.argv[1], "run-%d" % os.getpid()), "w")
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+print("released")
+"""
+
+
+def test_restarts_that_cut_an_experiment_are_not_its_attempts(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
+    lay = layout(max_attempts=2, drain_timeout="0.5s")
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    runs.mkdir()
+    key = submit_script(lay, UNTIL_RELEASED, str(runs), str(release)).key
+    for restart in range(4):  # systemctl restart, four times, while it runs
+        agent = start_agent(lay)
+        wait_until(lambda n=restart: len(list(runs.iterdir())) > n, what="running")
+        assert agent.stop() == 0  # drains: cut at drain_timeout, the message goes back
+    release.touch()
+    agent = start_agent(lay)
+    wait_until(lambda: finished(lay, key), what="finished")
+    assert agent.stop() == 0
+    assert "(attempt 1)" in agent.log()
+    rejected = lay.state_dir / "rejected"
+    assert not rejected.exists() or not any(rejected.iterdir())
