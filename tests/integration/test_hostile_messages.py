@@ -54,10 +54,10 @@ def hostile_corpus(base: dict[str, Any], secret: Path, target: Path) -> dict[str
                 key=f"experiments/{key}/../../../../tmp/owned.tar"
             )
         ),
-        "nests": b'{"experiment": {"key": "deep", "info": '
-        + b"[" * 100_000
-        + b"]" * 100_000
-        + b"}}",
+        "nests": b'{"experiment": {"key": "deep", "info": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        "objects and arrays": b'{"experiment": {"key": "wide", "info": ['
+        + b"[]," * 1_000_000
+        + b"[]]}}",
         "max_message_size": variant(lambda m: m["experiment"].update(args=["x" * 1000] * 20_000)),
         "args total": variant(lambda m: m["experiment"].update(args=["y" * 100_000] * 12)),
         "experiment.filename": variant(lambda m: m["experiment"].update(filename="../../bin/sh")),
