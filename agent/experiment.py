@@ -320,6 +320,9 @@ class ExperimentRun:
             attempt += 1
             try:
                 if label == "_metadata" and self.settings.metadata_layout == "go":
+                    # Only this run's own files: the experiment can write into the folder, and
+                    # must not plant another run's name at the bucket's root.
+                    own = self.recorder.names() if self.recorder is not None else ()
                     return transfer.upload_each(
                         label,
                         artifact,
@@ -327,6 +330,7 @@ class ExperimentRun:
                         self.ctx.artifact_dir(label),
                         "metadata/",
                         self.storage,
+                        own,
                     )
                 return transfer.upload(
                     label, artifact, self.request.config, self.ctx.artifact_dir(label), self.storage

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from agent import setaside, trust
 from agent.errors import BadRequest
 from agent.intake import parse_message
-from agent.ledger import Ledger, Record
+from agent.ledger import MAX_EXCUSED_DEATHS, Ledger, Record
 from agent.queues.base import Delivery, QueueBackend
 from agent.report.events import Event, Events
 from agent.request import Request
@@ -43,11 +43,15 @@ class Gate:
     def admit(self, backend: QueueBackend, delivery: Delivery) -> Ticket | None:
         """A ticket to run, or None: set aside, or returned to wait for room."""
         record = self.ledger.begin(delivery)
-        if record.crashes >= self.settings.max_crashes:
-            reason = (
-                f"the agent died {record.crashes} times while parsing or fetching this message "
-                f"(max_crashes {self.settings.max_crashes}): suspected of crashing it"
-            )
+        try:
+            return self._admit(backend, delivery, record)
+        except BaseException:
+            self.ledger.returned(record)  # the take failed (disk, queue): no phase to charge
+            raise
+
+    def _admit(self, backend: QueueBackend, delivery: Delivery, record: Record) -> Ticket | None:
+        reason = self._suspicion(record)
+        if reason:
             self.set_aside(delivery, "rejected", reason, record)
             return None
         try:
@@ -71,6 +75,17 @@ class Gate:
             self.ledger.excuse(record)  # returned for lack of room: not an attempt
             return None
         return Ticket(request, storage, record, grant, attempts)
+
+    def _suspicion(self, record: Record) -> str:
+        """Why the agent's deaths with this message set it aside, or ""."""
+        if record.crashes >= self.settings.max_crashes:
+            return (
+                f"the agent died {record.crashes} times while parsing or fetching this message "
+                f"(max_crashes {self.settings.max_crashes}): suspected of crashing it"
+            )
+        if record.deaths >= MAX_EXCUSED_DEATHS:
+            return f"the agent died {record.deaths} times while holding this message"
+        return ""
 
     def _take(self, backend: QueueBackend, delivery: Delivery) -> tuple[Request, StorageOptions]:
         """Parse (bounded) and check the message against the trust of where it came from."""

@@ -58,6 +58,12 @@ def parse_message(body: bytes, max_bytes: int = MAX_BODY) -> Request:
 def _parse(body: bytes, max_bytes: int) -> Request:
     if len(body) > max_bytes:
         raise BadRequest(f"body is {len(body)} bytes; at most {max_bytes} (max_message_size)")
+    try:
+        # UTF-8 only (the client writes it): json.loads would also take UTF-16, in which a
+        # quote byte can hide inside another character and blind the structure scan.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not UTF-8: {exc}") from None
     structure = structure_of(body)
     if len(structure) > 2 * MAX_CONTAINERS:
         raise BadRequest(
@@ -67,8 +73,8 @@ def _parse(body: bytes, max_bytes: int) -> Request:
     if depth > MAX_DEPTH:
         raise BadRequest(f"body nests {depth} levels deep; at most {MAX_DEPTH}")
     try:
-        data = json.loads(body, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and too-long integers
+        data = json.loads(text, parse_constant=_no_constants)
+    except ValueError as exc:  # JSONDecodeError, and too-long integers
         raise BadRequest(f"body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest(f"body is a JSON {type(data).__name__}, not an object")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ from agent.queues.base import Delivery
 log = logging.getLogger(__name__)
 
 SUSPECT_PHASES = frozenset({"parsing", "fetching"})
+# Excused deaths still have a ceiling: until experiments run under their own identity (issue 12)
+# one can kill its agent, and it must not do so forever. Far above any honest run of bad luck.
+MAX_EXCUSED_DEATHS = 50
 KEEP_FOR = 30 * 86400.0  # a record not touched for this long belongs to a message long gone
 
 
@@ -42,6 +46,7 @@ class Record:
     phase: str = ""  # what the agent is doing with the message now; "" when it holds it not
     crashes: int = 0  # deaths of the agent in a suspect phase
     excused: int = 0  # hand-outs that were not the message's fault (agent deaths, no room)
+    deaths: int = 0  # deaths of the agent while it held the message, in any phase
     updated: float = 0.0
 
     def where(self) -> str:
@@ -95,6 +100,7 @@ class Ledger:
                 if time.time() - record.updated > KEEP_FOR:
                     self.settled(record)
                 continue
+            record.deaths += 1
             if record.phase in SUSPECT_PHASES:
                 record.crashes += 1
                 suspects.append(record)
@@ -114,6 +120,10 @@ class Ledger:
             names = sorted(os.listdir(self.root))
         except FileNotFoundError:
             return []
+        for name in names:
+            if name.startswith("."):  # a write cut short by a death: its record is intact
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / name).unlink()
         found = (self._read(name) for name in names if not name.startswith("."))
         return [record for record in found if record is not None]
 
@@ -130,6 +140,8 @@ class Ledger:
     def _write(self, record: Record) -> None:
         record.updated = time.time()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.root / f".{record.digest}.tmp"
-        tmp.write_text(json.dumps(asdict(record)))
+        # A temporary name of its own: two copies of one message may be written at once.
+        fd, tmp = tempfile.mkstemp(prefix=f".{record.digest}.", dir=self.root)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(asdict(record)))
         os.replace(tmp, self.root / record.digest)

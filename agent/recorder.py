@@ -81,6 +81,10 @@ class RunRecorder:
         suffix = "json" if kind in ("scrape", "request") else "log"
         return self.folder / f"{kind}-{self.accession}.{suffix}"
 
+    def names(self) -> tuple[str, ...]:
+        """The file names of this run's metadata (whether written yet or not)."""
+        return tuple(self.path(kind).name for kind in ("output", "runner", "scrape", "request"))
+
     def note(self, text: str) -> None:
         """A line of the runner log."""
         stamp = (

@@ -213,9 +213,9 @@ class Experiment(_Tolerant):
 class StoreConfig(_Tolerant):
     """``config.storage`` / ``config.database``."""
 
-    type: str | None = None
-    endpoint: str | None = None
-    bucket: str | None = None
+    type: Text | None = None
+    endpoint: Text | None = None
+    bucket: Text | None = None
 
 
 class StudioConfig(_Tolerant):

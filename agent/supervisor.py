@@ -359,10 +359,15 @@ class Supervisor:
             except (AgentError, OSError) as exc:
                 # The message stays in the agent's custody; the next start returns it.
                 log.error("could not settle the message of %s: %s", outcome.key, exc)
+            except Exception:  # a bug while reporting must not take the loop down
+                log.exception("settling the message of %s failed", outcome.key)
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
         delivery = job.delivery
-        self._report_outcome(job, outcome)
+        try:
+            self._report_outcome(job, outcome)
+        except Exception:  # the report is best effort; the message must still be settled
+            log.exception("reporting the outcome of %s failed", outcome.key)
         if outcome.transient:
             delivery.requeue()
             if self._stop_requests:  # cut or never started by our own shutdown: not an attempt

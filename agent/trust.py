@@ -18,7 +18,8 @@ from agent.errors import BadRequest
 from agent.request import Artifact, Request
 from agent.settings import Settings
 from agent.storage import SCHEMES, allowed_root, resolve
-from agent.storage.base import StorageOptions
+from agent.storage.base import Storage, StorageOptions
+from agent.storage.local import LocalStorage
 
 IMAGE_LABEL = "_singularity"
 
@@ -42,12 +43,21 @@ def check_request(request: Request, options: StorageOptions) -> None:
     for label, artifact in request.experiment.artifacts.items():
         if label == IMAGE_LABEL and _image_outside_storage(artifact, options):
             continue
-        _, key = resolve(label, artifact, request.config, options)
-        if artifact.mutable and not key.startswith(f"experiments/{request.key}/"):
+        store, key = resolve(label, artifact, request.config, options)
+        if artifact.mutable and not _under_own_prefix(store, key, request.key):
             raise BadRequest(
                 f"artifact {label!r}: results go under experiments/{request.key}/, "
                 f"not to {key[:120]!r}"
             )
+
+
+def _under_own_prefix(store: Storage, key: str, experiment: str) -> bool:
+    prefix = f"experiments/{experiment}/"
+    if isinstance(store, LocalStorage):
+        # A file:// URL's key is relative to the listed store, which may be the endpoint above
+        # the bucket (<store>/artifacts/experiments/<key>/...): at a segment boundary, then.
+        return f"/{prefix}" in f"/{key}"
+    return key.startswith(prefix)
 
 
 def _image_outside_storage(artifact: Artifact, options: StorageOptions) -> bool:

@@ -38,6 +38,13 @@ class QueueFilter:
         return f"matches queue_mismatch {self.mismatch!r}"
 
 
+def count_from(value: object) -> int:
+    """A hand-out count carried by a message (a header, an attribute): untrusted, so anything
+    but a small non-negative integer is 0."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
+
+
 class Delivery(ABC):
     """One message taken from a queue and not yet settled."""
 

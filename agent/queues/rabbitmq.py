@@ -34,7 +34,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from agent.queues.base import Delivery, QueueBackend, QueueFilter
+from agent.queues.base import Delivery, QueueBackend, QueueFilter, count_from
 from agent.queues.journal import Entry, Journal
 from agent.report import metrics
 
@@ -291,7 +291,8 @@ class RabbitQueue(QueueBackend):
         if method is None:
             return None
         headers = dict(properties.headers or {})
-        attempts = int(headers.get(ATTEMPTS_HEADER, 0)) + 1 + (1 if method.redelivered else 0)
+        earlier = count_from(headers.get(ATTEMPTS_HEADER, 0))
+        attempts = earlier + 1 + (1 if method.redelivered else 0)
         meta = {
             "attempts": attempts,
             "content_type": properties.content_type,

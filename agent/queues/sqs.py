@@ -43,7 +43,7 @@ from botocore.config import Config
 
 from agent import __version__
 from agent.errors import ConfigError
-from agent.queues.base import Delivery, QueueBackend, QueueFilter
+from agent.queues.base import Delivery, QueueBackend, QueueFilter, count_from
 from agent.queues.journal import Entry, Journal
 from agent.report import metrics
 
@@ -98,7 +98,7 @@ def _classify(exc: Exception) -> tuple[str, str]:
 
 
 def _int(value: object, default: int) -> int:
-    return int(str(value)) if str(value).isdigit() else default
+    return count_from(value) or default
 
 
 class SqsDelivery(Delivery):

@@ -67,7 +67,10 @@ def artifact_location(request: Request, label: str) -> str:
     if artifact is None:
         return ""
     if artifact.qualified:
-        parts = urllib.parse.urlsplit(artifact.qualified)
+        try:
+            parts = urllib.parse.urlsplit(artifact.qualified)
+        except ValueError:  # the message's own text: never a reason to fail a report
+            return artifact.key or ""
         host = parts.netloc.rsplit("@", 1)[-1]  # no user:password@
         return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
     if artifact.bucket and artifact.key:

@@ -27,7 +27,7 @@ def _store(config: StudioConfig, roots: tuple[Path, ...]) -> LocalStorage | None
         return None
     try:
         return LocalStorage(local_root(database, roots, "config.database"))
-    except AgentError as exc:
+    except (AgentError, ValueError, OSError) as exc:
         log.debug("experiment record not updated: %s", exc)
         return None
 
@@ -39,7 +39,7 @@ def read_record(config: StudioConfig, key: str, roots: tuple[Path, ...]) -> dict
     try:
         with store.path(f"experiments/{key}").open("rb") as handle:
             record = json.loads(handle.read(MAX_RECORD))
-    except (OSError, ValueError, RecursionError, AgentError):
+    except (OSError, ValueError, RecursionError, AgentError):  # ValueError: NUL in a path
         return None
     return record if isinstance(record, dict) else None
 
@@ -53,7 +53,7 @@ def update_record(config: StudioConfig, key: str, roots: tuple[Path, ...], **fie
     record.update(fields)
     try:
         store.write(f"experiments/{key}", lambda out: out.write(json.dumps(record).encode()))
-    except (OSError, AgentError) as exc:
+    except (OSError, ValueError, AgentError) as exc:
         log.warning("could not update experiment record %s: %s", key, exc)
         return False
     return True

@@ -68,8 +68,11 @@ def resolve_s3(
     label: str, artifact: Artifact, config: StudioConfig, options: StorageOptions | None
 ) -> tuple["S3Storage", str]:
     options = options or StorageOptions()
-    creds, region = credentials_for(label, artifact, config)
-    location, key = locate(label, artifact, config, region)
+    try:
+        creds, region = credentials_for(label, artifact, config)
+        location, key = locate(label, artifact, config, region)
+    except ValueError as exc:  # urlsplit on a malformed endpoint: the message's fault
+        raise BadRequest(f"artifact {label!r}: bad S3 location: {exc}") from None
     check_location(label, location, key, options)
     return S3Storage(location, creds, options), key
 

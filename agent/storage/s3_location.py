@@ -7,6 +7,7 @@ lost) or the storage config: the endpoint URL, region, bucket, key and credentia
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -78,7 +79,7 @@ def endpoint_for(host: str, config: StudioConfig) -> tuple[str, str | None]:
 
 
 def _aws_credentials(source: dict[str, Any] | None) -> tuple[S3Credentials, str | None] | None:
-    aws = (source or {}).get("aws")
+    aws = source.get("aws") if isinstance(source, dict) else None
     if not isinstance(aws, dict):
         return None
     key, secret = aws.get("access_key"), aws.get("secret_access_key") or aws.get("secret_key")
@@ -156,9 +157,12 @@ def check_location(label: str, location: S3Location, key: str, options: StorageO
 
 def _link_local(host: str) -> bool:
     try:
-        address = ipaddress.ip_address(host)
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:  # the legacy forms connect() still takes: 2852039166, 0xa9fea9fe, 169.254.43518
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return address.is_link_local or address in _METADATA_V6

@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from agent.errors import ArtifactMissing, BadRequest, StorageDenied
@@ -84,12 +85,16 @@ def upload_each(
     src: Path,
     prefix: str,
     options: StorageOptions | None = None,
+    names: Sequence[str] = (),
 ) -> int:
-    """Upload every file of ``src`` as its own object ``<prefix><name>`` at the root of the
-    artifact's store (the Go runner's ``metadata/`` layout); return the bytes stored."""
+    """Upload the files ``names`` of ``src`` (those that exist) each as its own object
+    ``<prefix><name>`` at the root of the artifact's store (the Go runner's ``metadata/``
+    layout); return the bytes stored."""
     store, _ = resolve(label, artifact, config, options)
     sent = 0
-    for path in sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(src / name for name in names):
+        if path.is_symlink() or not path.is_file():
+            continue
         with path.open("rb") as source:
             sent += store.write(f"{prefix}{path.name}", lambda out: shutil.copyfileobj(source, out))
     return sent

@@ -73,6 +73,15 @@ def test_hostile_bodies_are_refused_with_a_reason(raw: bytes) -> None:
     assert refused(raw)
 
 
+def test_only_utf8_is_read_so_no_quote_byte_can_hide_in_another_character() -> None:
+    # In UTF-16-LE, U+2200 is the bytes 00 22: a stray '"' for a byte-level scan.
+    deep = '{"experiment": {"key": "k", "x": "\u2200", "info": ' + "[" * 900 + "]" * 900 + "}}"
+    for encoding in ("utf-16", "utf-16-le", "utf-32"):  # json.loads(bytes) would take them all
+        assert refused(deep.encode(encoding))
+        assert refused(json.dumps({"experiment": {"key": "k"}}).encode(encoding))
+    assert "nests" in refused(deep.encode())
+
+
 def test_a_body_over_the_size_bound_is_refused_unparsed() -> None:
     assert "at most 1000 (max_message_size)" in refused(body({"x": "a" * 2000}), 1000)
 
@@ -174,6 +183,25 @@ def test_a_real_message_with_any_field_replaced_never_escapes(
     parse_within_bounds(json.dumps(message).encode())
     message = copy.deepcopy(REAL)
     message["experiment"]["artifacts"][label] = value  # an artifact of any shape
+    parse_within_bounds(json.dumps(message).encode())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["storage", "database", "env", "pip", "credentials"]),
+    JSON,
+    st.sampled_from(["qualified", "key", "bucket", "credentials", "local", "mutable"]),
+    st.one_of(JSON, st.text(alphabet="s3:/[]@.%1-9a-f\x00", max_size=40)),
+)
+def test_a_real_message_with_config_or_artifact_fields_replaced_never_escapes(
+    config_field: str, config_value: Any, artifact_field: str, artifact_value: Any
+) -> None:
+    message = copy.deepcopy(REAL)
+    message["config"][config_field] = config_value
+    parse_within_bounds(json.dumps(message).encode())
+    message = copy.deepcopy(REAL)
+    message["config"]["storage"][config_field] = config_value
+    message["experiment"]["artifacts"]["output"][artifact_field] = artifact_value
     parse_within_bounds(json.dumps(message).encode())
 
 

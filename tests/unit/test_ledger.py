@@ -84,3 +84,13 @@ def test_a_torn_record_starts_afresh(tmp_path: Path) -> None:
     _, suspects = restart(tmp_path)
     assert suspects == []
     assert Ledger(tmp_path).begin(Held(b"m")).crashes == 0
+
+
+def test_every_death_is_counted_even_when_excused(tmp_path: Path) -> None:
+    """So an experiment that kills its agent is set aside at last (agent.gate)."""
+    ledger = Ledger(tmp_path)
+    for count in range(1, 4):
+        record = ledger.begin(Held(b"m", count=count))
+        ledger.enter(record, "running")
+        ledger, _ = restart(tmp_path)
+    assert ledger.begin(Held(b"m", count=4)).deaths == 3

@@ -156,3 +156,23 @@ def test_two_consumers_never_take_the_same_message(tmp_path: Path, count: int) -
     for thread in threads:
         thread.join()
     assert sorted(taken) == sorted(str(i).encode() for i in range(count))
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [
+        (3, 3),
+        ("3", 3),
+        ("x", 0),
+        ([1], 0),
+        ("1e400", 0),
+        ("9" * 5000, 0),
+        (-5, 0),
+        ("²", 0),
+        (True, 0),
+    ],
+)
+def test_a_count_a_message_carries_is_untrusted(value: object, count: int) -> None:
+    from agent.queues.base import count_from
+
+    assert count_from(value) == count

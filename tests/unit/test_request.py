@@ -73,7 +73,7 @@ def test_unknown_keys_are_kept() -> None:
         (minimal(max_duration="3 days"), "experiment.max_duration"),
         (minimal(resources_needed={"ram": "lots"}), "experiment.resources_needed.ram"),
         (b'{"message": {"payload": "abc"}}', "encrypted"),
-        (b"\xff\xfe", "not JSON"),
+        (b"\xff\xfe", "not UTF-8"),
     ],
 )
 def test_bad_messages_are_rejected_with_a_reason(body: bytes, reason: str) -> None:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,16 @@ def test_an_unknown_scheme_is_named() -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["169.254.169.254", "[fe80::1]:80", "metadata.google.internal", "[::ffff:169.254.169.254]"],
+    [
+        "169.254.169.254",
+        "[fe80::1]:80",
+        "metadata.google.internal",
+        "[::ffff:169.254.169.254]",
+        "2852039166",  # the same address in the forms connect() accepts
+        "0xa9fea9fe",
+        "0251.0376.0251.0376",
+        "169.254.43518",
+    ],
 )
 def test_metadata_services_are_not_storage(host: str) -> None:
     request = real(workspace={"qualified": f"s3://{host}/latest/meta-data.tar"})
@@ -160,3 +170,62 @@ def test_a_shared_filesystem_can_be_opened_to_brokers(tmp_path: Path) -> None:
     check_request(local_request(tmp_path / "nfs", key="blobstore/x.tar"), broker)
     with pytest.raises(BadRequest, match="outside the stores its source may name"):
         check_request(local_request(tmp_path / "storage", key="blobstore/x.tar"), broker)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"qualified": "s3://[::::]/b/k.tar"}, "bad S3"),
+        ({"qualified": "s3://[1.2.3.4]/b/k.tar"}, "bad S3"),
+    ],
+)
+def test_malformed_s3_urls_are_bad_requests(fields: dict[str, Any], words: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(words)):
+        check_request(real(output=fields), BROKER)
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [
+        {"type": "s3", "endpoint": "http://[abc", "bucket": "b", "credentials": []},
+        {"type": "s3", "endpoint": "http://h:99999", "bucket": "b"},
+        {"type": "s3", "endpoint": "http://h", "bucket": "b", "credentials": "x"},
+    ],
+)
+def test_a_malformed_storage_config_is_a_bad_request(storage: dict[str, Any]) -> None:
+    message = {
+        "experiment": {"key": "k1", "artifacts": {"workspace": {"key": "blobstore/x.tar"}}},
+        "config": {"storage": storage},
+    }
+    with pytest.raises(BadRequest):
+        check_request(parse_message(json.dumps(message).encode()), BROKER)
+
+
+def test_a_nul_in_a_local_store_is_refused_at_intake(tmp_path: Path) -> None:
+    with pytest.raises(BadRequest, match="NUL"):
+        local_request(Path(f"{tmp_path}/a\0b"), key="blobstore/x.tar")
+
+
+def test_a_file_url_under_a_store_listed_above_its_bucket(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/artifacts/experiments/k1/modeldir.tar"
+    message = {
+        "experiment": {"key": "k1", "artifacts": {"modeldir": {"qualified": url, "mutable": True}}}
+    }
+    request = parse_message(json.dumps(message).encode())
+    check_request(request, StorageOptions(local_roots=(tmp_path,)))
+    other = url.replace("/k1/", "/k2/")
+    message["experiment"]["artifacts"]["modeldir"]["qualified"] = other
+    with pytest.raises(BadRequest, match="results go under experiments/k1/"):
+        check_request(
+            parse_message(json.dumps(message).encode()), StorageOptions(local_roots=(tmp_path,))
+        )
+
+
+def test_a_qualified_url_that_passes_intake_cannot_break_the_report() -> None:
+    from agent.report.jobs import artifact_location
+
+    key = REAL["experiment"]["key"]
+    odd = f"s3://[x@127.0.0.1:5123/studioml-artifacts/experiments/{key}/output.tar"
+    request = real(output={"qualified": odd})
+    check_request(request, BROKER)  # user info is dropped, as before: the server is 127.0.0.1
+    assert artifact_location(request, "output") == f"experiments/{key}/output.tar"
