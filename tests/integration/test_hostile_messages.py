@@ -120,10 +120,9 @@ def test_each_hostile_class_is_set_aside_and_the_agent_serves_on(
         for path in folder.rglob("*") if folder.exists() else []:
             assert not path.is_file() or SECRET not in path.read_text(errors="replace")
     keys = bucket_keys(s3_server)
-    # The bucket is the session's: other tests' experiments are there too, but none of these.
-    assert all(k.startswith(("blobstore/", "experiments/")) for k in keys), keys
+    # The bucket is the session's (other tests' objects are there too), but none of these.
     assert not [k for k in keys if k.startswith("experiments/hostile1/")]  # none ran, none wrote
-    assert all(".." not in k.split("/") for k in keys), keys
+    assert not [k for k in keys if "owned" in k or ".." in k.split("/")], keys
     assert "experiments/honest1/output.tar" in keys
     for kept in (lay.state_dir / "rejected").iterdir():
         assert kept.stat().st_mode & 0o077 == 0 or kept.suffix == ".json"
