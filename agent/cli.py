@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from agent import __version__
-from agent.errors import ConfigError
+from agent.errors import BadRequest, ConfigError
 from agent.log import setup_logging
 from agent.queues.base import QueueBackend, QueueFilter
 from agent.queues.local import LocalQueue
@@ -231,6 +231,7 @@ def build_backends(settings: Settings) -> list[QueueBackend]:
 
 
 def submit_command(settings: Settings, options: argparse.Namespace) -> int:
+    from agent.storage import allowed_root
     from agent.submit import Submission, submit, wait_for
 
     workspace: Path = options.workspace
@@ -262,11 +263,11 @@ def submit_command(settings: Settings, options: argparse.Namespace) -> int:
         print(f"studio-agent: {exc}", file=sys.stderr)
         return EX_DATAERR
     print(f"submitted experiment {request.key} to {settings.queue_root / sub.queue}")
-    if not any(sub.storage.is_relative_to(r.resolve()) for r in settings.effective_local_storage):
+    try:
+        allowed_root(sub.storage, settings.effective_local_storage, "the store")
+    except BadRequest as exc:
         print(
-            f"studio-agent: warning: {sub.storage} is not in local_storage; an agent with these "
-            "settings will refuse this experiment",
-            file=sys.stderr,
+            f"studio-agent: warning: agents with these settings refuse it: {exc}", file=sys.stderr
         )
     if options.wait is None:
         return EX_OK

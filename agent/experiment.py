@@ -135,7 +135,7 @@ class ExperimentRun:
             )
             return self._finish(outcome, upload=False)
         try:
-            self.on_phase("fetching")
+            # Phase "fetching" was entered by the gate, which checked and admitted the request.
             self._layout()
             self._fetch_inputs()
             self._start_recording()

@@ -120,12 +120,14 @@ class Ledger:
             names = sorted(os.listdir(self.root))
         except FileNotFoundError:
             return []
+        records = []
         for name in names:
             if name.startswith("."):  # a write cut short by a death: its record is intact
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / name).unlink()
-        found = (self._read(name) for name in names if not name.startswith("."))
-        return [record for record in found if record is not None]
+            elif (record := self._read(name)) is not None:
+                records.append(record)
+        return records
 
     def _read(self, digest: str) -> Record | None:
         try:
