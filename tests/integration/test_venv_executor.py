@@ -260,3 +260,32 @@ def test_executor_needs_a_filename(tmp_path: Path) -> None:
         EnvironmentFailed, match="container-only requests need executor singularity"
     ):
         executor.prepare(ctx, {})
+
+
+def test_installer_options_from_a_request_never_reach_the_installer(
+    tmp_path: Path, interpreter: Interpreter
+) -> None:
+    """``-r FILE`` in config.pip would make uv read a host file and print it in its error."""
+    secret = tmp_path / "credential"
+    secret.write_text("amqp://team:hunter2@broker:5672/%2f\n")
+    secret.chmod(0o600)
+    executor = VenvExecutor(EnvCache(tmp_path / "envs", 0, "uv"), [interpreter.path])
+    request = Request.model_validate(
+        {
+            "experiment": {
+                "key": "exp1",
+                "filename": "a.py",
+                "pythonenv": [f"-c {secret}", f"pkg @ {secret}"],
+                "pythonver": ".".join(map(str, interpreter.version[:2])),
+            },
+            "config": {"pip": [f"-r {secret}"]},
+        }
+    )
+    ctx = _context(tmp_path, request)
+    launch = executor.prepare(ctx, {"PATH": "/usr/bin:/bin"})
+    launch.release()
+    output = ctx.output_file.read_text()
+    assert "hunter2" not in output
+    assert f"config.pip: dropped '-r {secret}': installer options are not accepted" in output
+    assert f"dropped '-c {secret}'" in output
+    assert f"dropped 'pkg @ {secret}': a local path" in output

@@ -43,6 +43,10 @@ PLACEHOLDER = "... (111 entries total: absl-py==2.1.0, astunparse==1.6.3, ...)"
         ("…", False),
         ("not a requirement", False),
         ("--index-url https://example.com/simple", False),
+        ("-r /etc/studio-agent/certs/rabbitmq/main", False),  # the installer would print it
+        ("-c /etc/shadow", False),
+        ("pkg @ /etc/passwd", False),
+        ("pkg @ ./checkout", False),
     ],
 )
 def test_filter_requirements_keeps_only_installable_lines(line: str, kept: bool) -> None:
