@@ -109,8 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(file: Path | None) -> int:
+    from agent.sandbox import Sandbox
+
     settings = load_settings(file)
     print(yaml.safe_dump(effective_config(settings), sort_keys=True), end="")
+    # What experiments would run in here, as comments: the output stays the config's YAML.
+    for name, why in Sandbox.from_settings(settings, enable=False).protections().items():
+        print(f"# isolation {name}: {'enforced' if not why else 'off: ' + why}")
     return EX_OK
 
 

@@ -1,47 +1,41 @@
-"""One run of one experiment, end to end: fetch, prepare, execute, checkpoint, upload, outcome.
+"""One run of one experiment, end to end: fetch, prepare, execute under its sandbox, checkpoint,
+upload, outcome.
 
 This module knows no queue: it takes a parsed request and returns an ``Outcome``; the supervisor
 decides what that means for the message. An experiment can therefore run with no broker at all.
+Each step has its own module: agent.rundir (layout and inputs), the executor (the environment),
+agent.execution (the process in its confinement), agent.checkpoint (uploads).
 """
 
 import contextlib
+import dataclasses
 import functools
-import json
 import logging
 import os
-import re
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from agent import process, trust
+from agent import childenv, rundir, trust
+from agent.checkpoint import Checkpointer
 from agent.errors import AgentError, PermanentError, TransientError
+from agent.execution import Execution
 from agent.executors.base import Executor, Launch, RunContext
 from agent.recorder import RunRecorder
 from agent.request import Request
+from agent.sandbox import Confinement, Sandbox
 from agent.settings import Settings
-from agent.storage import archive, database, transfer
+from agent.storage import database
 from agent.storage.base import StorageOptions
 
 log = logging.getLogger(__name__)
 
 Status = Literal["completed", "failed", "timeout", "expired", "cancelled", "error"]
-# Variables a child may inherit from the agent; everything else stays out (the job never sees
-# the agent's own secrets, virtualenv or GPU assignment).
-BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "SHELL", "TERM")
-BASE_ENV_PREFIXES = ("LC_",)
-PROXY_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-_PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
-# Not an input: the container image reference is the executor's business.
-SKIP_FETCH = frozenset({"_singularity"})
 
 
 @dataclass
@@ -57,37 +51,6 @@ class Outcome:
     output_tail: str = ""  # the last lines of the experiment's output, for reports
 
 
-def clean_env(settings: Settings, tmpdir: Path) -> dict[str, str]:
-    """The environment every child starts from: a short allow-list, never the agent's own."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k in BASE_ENV
-        or k in PROXY_ENV
-        or k in settings.pass_env
-        or k.startswith(BASE_ENV_PREFIXES)
-    }
-    agent_bin = str(Path(sys.prefix) / "bin")
-    path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != agent_bin]
-    env["PATH"] = os.pathsep.join(path)
-    env["TMPDIR"] = str(tmpdir)
-    return env
-
-
-def gpu_env(uuids: tuple[str, ...]) -> dict[str, str]:
-    """What makes the child see exactly its assigned cards (none when ``uuids`` is empty)."""
-    return {
-        "CUDA_VISIBLE_DEVICES": ",".join(uuids),
-        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # CUDA's numbering then matches NVML's
-        "NVIDIA_VISIBLE_DEVICES": ",".join(uuids) or "void",
-    }
-
-
-def expand_percent(value: str, env: Mapping[str, str]) -> str:
-    """Expand ``%VAR%`` the way the Go runner does; an unknown variable becomes empty."""
-    return _PERCENT_VAR.sub(lambda m: env.get(m.group(1), ""), value)
-
-
 class ExperimentRun:
     """Runs one request; ``cancel`` (from another thread) stops it and keeps what it produced."""
 
@@ -100,27 +63,36 @@ class ExperimentRun:
         gpus: tuple[str, ...] = (),  # UUIDs of the cards admission assigned to this run
         storage: StorageOptions | None = None,  # the request's source's policy (agent.trust)
         on_phase: Callable[[str], None] = lambda phase: None,  # fetching, installing, ...
+        sandbox: Sandbox | None = None,  # None: unconfined, as the agent (isolation: off)
+        devices: tuple[str, ...] = (),  # the /dev nodes of the assigned cards
     ):
         self.request = request
         self.queue = queue  # only to label the run's metadata; the run knows no queue
         self.settings = settings
         self.executor = executor
+        self.sandbox = sandbox
+        self.devices = devices
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.home = settings.effective_work_dir / self.run_id
         # A run made without a source (tests, benchmarks) is trusted as a local queue's.
         self.storage = storage or trust.storage_options(settings, local_source=True)
+        self.fetcher = rundir.Fetcher(request, self.storage)
         self.ctx = RunContext(
             request,
             self.home,
             self.home / "experiments" / request.key / "output" / "output",
             gpus,
-            self.storage,
+            fetch=self.fetcher,
         )
+        self.confinement: Confinement | None = None
         self._cancelled = threading.Event()
-        self._fingerprints: dict[str, str] = {}
-        self.recorder: RunRecorder | None = None
+        self.saver = Checkpointer(self.ctx, settings, self.storage)
         self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
         self.on_phase = on_phase
+
+    @property
+    def recorder(self) -> RunRecorder | None:
+        return self.saver.recorder
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -136,11 +108,12 @@ class ExperimentRun:
             return self._finish(outcome, upload=False)
         try:
             # Phase "fetching" was entered by the gate, which checked and admitted the request.
-            self._layout()
+            rundir.lay_out(self.ctx)
             self._fetch_inputs()
             self._start_recording()
+            self._confine()
             self.on_phase("installing")
-            launch = self._prepare()
+            launch = self.executor.prepare(self.ctx, self.base_env)
             self._record(f"environment ready: {launch.argv[0]}")
             if self._cancelled.is_set():
                 launch.release()
@@ -150,53 +123,49 @@ class ExperimentRun:
             finally:
                 launch.release()
         except (TransientError, OSError) as exc:
-            # Disk full, permissions, storage down: not the experiment's fault; another try.
+            # Disk full, permissions, storage or index down: not the experiment's fault.
             outcome.status, outcome.detail, outcome.transient = "error", str(exc), True
             self._record(f"infrastructure error, the message goes back: {exc}")
         except PermanentError as exc:
             outcome.status, outcome.detail = "failed", str(exc)
             self._note(f"experiment failed before it ran: {exc}")
             self._record(f"failed before it ran: {exc}")
+        except BaseException:
+            self._release_confinement()  # a bug: never leave a slot or a cgroup behind
+            raise
+        if self.confinement is not None:
+            self.confinement.settle(self.settings.kill_grace)  # nothing writes while we upload
         return self._finish(outcome, upload=True)
 
-    def _layout(self) -> None:
-        for label in self.request.experiment.artifacts:
-            self.ctx.artifact_dir(label).mkdir(parents=True, exist_ok=True)
-        for needed in ("workspace", "output"):
-            self.ctx.artifact_dir(needed).mkdir(parents=True, exist_ok=True)
-        (self.home / "tmp").mkdir(exist_ok=True)
-        mapping = self.home / "artifact_mappings" / self.request.key / "artifacts.json"
-        mapping.parent.mkdir(parents=True, exist_ok=True)
-        labels = set(self.request.experiment.artifacts) | {"workspace", "output"}
-        mapping.write_text(
-            json.dumps({lb: str(self.ctx.artifact_dir(lb)) for lb in sorted(labels)})
-        )
-
     def _fetch_inputs(self) -> None:
-        budget = self.request.experiment.resources_needed.size("hdd")
-        fetched, began = 0, time.monotonic()
-        for label, artifact in self.request.experiment.artifacts.items():
-            if label in SKIP_FETCH:
-                continue
-            left = max(budget - fetched, 1) if budget else 0
-            fetched += transfer.fetch(
-                label,
-                artifact,
-                self.request.config,
-                self.ctx.artifact_dir(label),
-                left,
-                self.storage,
-            )
-        for label in self.request.mutable_labels():
-            self._fingerprints[label] = archive.tree_fingerprint(self.ctx.artifact_dir(label))
+        fetched, seconds, prints = self.fetcher.inputs(self.ctx)
+        self.saver.fingerprints.update(prints)
         self._note(f"experiment {self.request.key} on {socket.gethostname()} (run {self.run_id})")
-        self._fetched = (fetched, time.monotonic() - began)
+        self._fetched = (fetched, seconds)
+
+    def _confine(self) -> None:
+        """The run's identity and cgroup, before anything of the request's runs (its builds)."""
+        if self.sandbox is None:
+            return
+        need = self.request.experiment.resources_needed
+        self.confinement = self.sandbox.confine(
+            self.run_id, self.ctx.scratch, need.size("ram"), need.cpus, self.devices
+        )
+        self.ctx = dataclasses.replace(self.ctx, confine=self.confinement)
+        self.saver.ctx = self.ctx
+        rundir.hand_over(self.ctx, self.confinement)
+
+    def _release_confinement(self) -> None:
+        """End what is left of the run, take its folders back, free its slot and cgroup."""
+        if self.confinement is not None:
+            self.confinement.close(self.settings.kill_grace, owned=self.home)
+            self.confinement = None
 
     def _start_recording(self) -> None:
         """The run's ``_metadata`` files, when the request has that artifact."""
         if "_metadata" not in self.request.experiment.artifacts:
             return
-        self.recorder = RunRecorder(
+        self.saver.recorder = RunRecorder(
             self.request,
             self.ctx.artifact_dir("_metadata"),
             self.ctx.output_file,
@@ -213,25 +182,22 @@ class ExperimentRun:
     @functools.cached_property
     def base_env(self) -> dict[str, str]:
         """The clean environment both the executor and the child start from."""
-        return clean_env(self.settings, self.home / "tmp")
-
-    def _prepare(self) -> Launch:
-        return self.executor.prepare(self.ctx, self.base_env)
+        home = self.ctx.child.home
+        return childenv.base_env(self.settings.pass_env, self.ctx.scratch, home)
 
     def child_env(self, launch: Launch) -> dict[str, str]:
         env = dict(self.base_env)
         env.update(launch.env)
         for name, value in self.request.config.env.items():
-            env[name] = expand_percent(value, env)
+            env[name] = childenv.expand_percent(value, env)
         env.update(
             STUDIOML_EXPERIMENT=self.request.key,
             STUDIOML_HOME=str(self.home),
-            STUDIOML_ARTIFACT_MAPPING=str(
-                self.home / "artifact_mappings" / self.request.key / "artifacts.json"
-            ),
+            STUDIOML_ARTIFACT_MAPPING=str(rundir.mapping_file(self.ctx)),
             PYTHONUNBUFFERED="TRUE",
         )
-        env.update(gpu_env(self.ctx.gpus))  # last: neither config.env nor the executor may widen it
+        # Last: neither config.env nor the executor may widen it.
+        env.update(childenv.gpu_env(self.ctx.gpus))
         return env
 
     def _execute(self, launch: Launch, limit: float, outcome: Outcome) -> None:
@@ -239,108 +205,28 @@ class ExperimentRun:
             database.mark_running(self.request.config, self.request.key, self.storage.local_roots)
         argv, env = launch.command(self.child_env(launch))
         self.on_phase("running")
-        proc = process.spawn(argv, self.ctx.workspace, env, self.ctx.output_file)
-        process.record(proc, self.home / "process.json")
-        log.info(
-            "experiment %s started as pid %d: %s", self.request.key, proc.pid, launch.argv[1:2]
+        execution = Execution(
+            self.ctx,
+            self.confinement,
+            self.settings.kill_grace,
+            self._cancelled,
+            self.saver.checkpoint,
+            self.saver.interval(),
         )
-        self._record(f"started as pid {proc.pid}, time limit {limit:.0f}s")
-        status, code = self._watch(proc, time.monotonic() + limit)
-        # Whatever the experiment left running in the background dies with it.
-        process.kill_tree(proc.pid, self.settings.kill_grace, proc)
-        outcome.status, outcome.exit_code = status, code
-        outcome.transient = status == "cancelled"
-        outcome.detail = {
-            "completed": "exit status 0",
-            "failed": f"exit status {code}",
-            "timeout": f"killed after its time limit of {limit:.0f}s",
-            "cancelled": "stopped by the agent's shutdown; the message goes back to its queue",
-        }[status]
-        self._record(f"stopped: {status}, {outcome.detail}")
-        if status != "completed":
-            self._note(outcome.detail)
-
-    def _watch(self, proc: subprocess.Popen[bytes], deadline: float) -> tuple[Status, int | None]:
-        interval = self._checkpoint_interval()
-        next_checkpoint = time.monotonic() + interval
-        while True:
-            now = time.monotonic()
-            try:
-                code = proc.wait(timeout=max(0.0, min(0.25, deadline - now, next_checkpoint - now)))
-                return ("completed" if code == 0 else "failed"), code
-            except subprocess.TimeoutExpired:
-                pass
-            now = time.monotonic()
-            if self._cancelled.is_set():
-                process.kill_tree(proc.pid, self.settings.kill_grace, proc)
-                return "cancelled", proc.returncode
-            if now >= deadline:
-                process.kill_tree(proc.pid, self.settings.kill_grace, proc)
-                return "timeout", proc.returncode
-            if now >= next_checkpoint:
-                self.checkpoint()
-                next_checkpoint = time.monotonic() + interval
-
-    def _checkpoint_interval(self) -> float:
-        requested = self.request.checkpoint_interval() or self.settings.checkpoint_interval
-        return max(requested, self.settings.checkpoint_min_interval, 0.1)
+        self._record(f"starting, time limit {limit:.0f}s")
+        result = execution.run(argv, env, limit)
+        outcome.status, outcome.exit_code, outcome.detail = (
+            result.status,
+            result.exit_code,
+            result.detail,
+        )
+        outcome.transient = result.status == "cancelled"
+        self._record(f"stopped: {result.status}, {result.detail}")
+        if result.status != "completed":
+            self._note(result.detail)
 
     def checkpoint(self, final: bool = False) -> int:
-        """Upload each mutable artifact that has content and changed since its last upload.
-
-        A checkpoint tries once and leaves failures to the next one; the final pass retries
-        within ``upload_budget`` and then raises, so the message goes back rather than being
-        acknowledged with results missing.
-        """
-        sent = 0
-        if self.recorder is not None and not final:
-            self.recorder.update("running")
-        deadline = time.monotonic() + self.settings.upload_budget
-        labels = sorted(self.request.mutable_labels(), key=lambda lb: lb != "output")
-        for label in labels:
-            directory = self.ctx.artifact_dir(label)
-            fingerprint = archive.tree_fingerprint(directory)
-            if not archive.has_content(directory) or self._fingerprints.get(label) == fingerprint:
-                continue
-            try:
-                sent += self._upload(label, deadline if final else 0.0)
-            except AgentError as exc:
-                if final:
-                    raise
-                log.warning("checkpoint of %s/%s failed: %s", self.request.key, label, exc)
-                continue
-            self._fingerprints[label] = fingerprint
-        return sent
-
-    def _upload(self, label: str, deadline: float) -> int:
-        """Upload one artifact, retrying transient failures with backoff until ``deadline``."""
-        artifact = self.request.experiment.artifacts[label]
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                if label == "_metadata" and self.settings.metadata_layout == "go":
-                    # Only this run's own files: the experiment can write into the folder, and
-                    # must not plant another run's name at the bucket's root.
-                    own = self.recorder.names() if self.recorder is not None else ()
-                    return transfer.upload_each(
-                        label,
-                        artifact,
-                        self.request.config,
-                        self.ctx.artifact_dir(label),
-                        "metadata/",
-                        self.storage,
-                        own,
-                    )
-                return transfer.upload(
-                    label, artifact, self.request.config, self.ctx.artifact_dir(label), self.storage
-                )
-            except (OSError, TransientError) as exc:
-                delay = min(30.0, 0.5 * 2**attempt)
-                if time.monotonic() + delay > deadline:
-                    raise TransientError(f"upload of {label} failed: {exc}") from exc
-                log.warning("upload of %s/%s failed (%s); retrying", self.request.key, label, exc)
-                time.sleep(delay)
+        return self.saver.checkpoint(final)
 
     def _finish(self, outcome: Outcome, upload: bool) -> Outcome:
         self.on_phase("uploading")
@@ -350,10 +236,11 @@ class ExperimentRun:
             self.recorder.update(status, outcome.exit_code, final=True)
         if upload and self.home.exists():
             try:
-                outcome.uploaded_bytes = self.checkpoint(final=True)
+                outcome.uploaded_bytes = self.saver.checkpoint(final=True)
             except AgentError as exc:
                 outcome.status, outcome.transient = "error", True
                 outcome.detail = f"results not saved: {exc}"
+        self._release_confinement()
         outcome.finished = time.time()
         outcome.output_tail = self._output_tail()
         if self.settings.update_local_db and not outcome.transient:

@@ -31,6 +31,7 @@ class Card:
     name: str
     memory: int  # total bytes
     ecc_failed: bool = False  # uncorrected ECC errors, or pages waiting to be retired
+    device: str = ""  # its node, /dev/nvidia<minor>: the one a run on it may open
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +85,7 @@ def _card_from_json(position: int, entry: Mapping[str, Any]) -> Card:
         name=str(entry.get("name", "GPU")),
         memory=parse_size(entry.get("memory", 0)),
         ecc_failed=bool(entry.get("ecc_failed", False)),
+        device=str(entry.get("device") or f"/dev/nvidia{int(entry.get('index', position))}"),
     )
 
 
@@ -135,7 +137,16 @@ def _nvml_card(pynvml: Any, index: int) -> Card:
         name=_text(pynvml.nvmlDeviceGetName(handle)),
         memory=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
         ecc_failed=_ecc_failed(pynvml, handle),
+        device=_device_node(pynvml, handle, index),
     )
+
+
+def _device_node(pynvml: Any, handle: Any, index: int) -> str:
+    """The card's /dev node: its minor number, which is not always its index."""
+    try:
+        return f"/dev/nvidia{int(pynvml.nvmlDeviceGetMinorNumber(handle))}"
+    except pynvml.NVMLError:
+        return f"/dev/nvidia{index}"
 
 
 def _ecc_failed(pynvml: Any, handle: Any) -> bool:

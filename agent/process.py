@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from agent.sandbox.cgroups import RunCgroup
+
 PROC = Path("/proc")
 
 
@@ -105,18 +107,24 @@ def spawn(
         os.close(fd)
 
 
-def record(proc: subprocess.Popen[bytes], path: Path) -> None:
-    """Remember the child so that a restarted agent can find it if this one is killed."""
-    path.write_text(json.dumps({"pid": proc.pid, "start": start_time(proc.pid)}))
-
-
 def kill_orphan(path: Path, grace: float) -> bool:
-    """Kill the tree recorded in ``path`` if that very process still runs; True if it did."""
+    """End the run recorded in ``path`` (agent.execution) if any of it still runs.
+
+    Its cgroup when it had one: every process in it, even those whose leader is gone. Else
+    the tree of the recorded process, if that very process (pid and start time) still runs.
+    True if something was killed.
+    """
     try:
         info = json.loads(path.read_text())
         pid, started = int(info["pid"]), info["start"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    group = RunCgroup.from_record(path.parent.name, info.get("cgroup"))
+    if group is not None:
+        found = bool(group.pids())
+        group.kill(grace)
+        group.remove()
+        return found
     if started is None or start_time(pid) != started:
         return False
     kill_tree(pid, grace)

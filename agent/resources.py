@@ -79,6 +79,10 @@ class Grant:
     def uuids(self) -> tuple[str, ...]:
         return tuple(card.uuid for card in self.cards)
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(card.device for card in self.cards if card.device)
+
 
 @dataclass(frozen=True)
 class Verdict:

@@ -164,6 +164,15 @@ class Settings(BaseSettings):
     python_interpreters: list[Path] = Field(default_factory=list)
     python_nearest: bool = False
     pass_env: list[str] = Field(default_factory=list)
+    # -- isolation (agent.sandbox): auto uses what the host has, required refuses to start
+    # without all of it, off runs experiments as the agent (README, Security) --
+    isolation: Literal["auto", "required", "off"] = "auto"
+    slot_users: list[str] = Field(default_factory=list)  # empty: every studio-slot<N> user
+    memory_factor: float = Field(default=1.25, ge=1.0)  # memory limit: ram x this ...
+    memory_floor: Size = parse_size("256MiB")  # ... and at least this
+    max_tasks: int = Field(default=4096, ge=0)  # processes and threads of one run; 0: no limit
+    cpu_quota: bool = False  # cpus as a hard ceiling too, not only a share
+    device_allow: list[str] = Field(default_factory=list)  # more device nodes (globs) for runs
     keep_workdir: bool = False
     update_local_db: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -31,6 +31,7 @@ def write_status(
     subscriptions: Subscriptions,
     jobs: Iterable[_Job],
     resources: dict[str, Any] | None = None,  # Admission.describe(): GPUs and who holds them
+    protections: dict[str, str] | None = None,  # Sandbox.protections(): "" or why it is off
 ) -> None:
     document = {
         "pid": os.getpid(),
@@ -46,6 +47,7 @@ def write_status(
             for job in jobs
         ],
         "resources": resources or {},
+        "protections": protections or {},
         "backends": [b.describe() for b in subscriptions.active()],
         "retiring": [b.describe() for b in subscriptions.retiring],
         "refused": subscriptions.refused,
@@ -64,6 +66,9 @@ def render(document: dict[str, Any]) -> str:
         f"agent pid {document.get('pid')}: {document.get('state')}"
         + ("" if alive else f" (not running; last seen {age:.0f}s ago)")
     ]
+    off = {k: v for k, v in document.get("protections", {}).items() if v}
+    for name, why in sorted(off.items()):
+        lines.append(f"  not enforced for experiments: {name} ({why})")
     for job in document.get("experiments", []):
         gpus = f" on {', '.join(job['gpus'])}" if job.get("gpus") else ""
         lines.append(f"  running {job['key']} from {job['backend']}:{job['queue']}{gpus}")

@@ -44,6 +44,7 @@ from agent.report.events import Event, Events
 from agent.report.journal import follow_output, journal_context
 from agent.report.notify import Notifier
 from agent.resources import Grant, admission_for
+from agent.sandbox import Sandbox
 from agent.settings import Settings
 from agent.status import write_status
 from agent.subscriptions import Subscriptions
@@ -71,8 +72,11 @@ class Supervisor:
         watcher: CertsWatcher | None = None,
         notifier: Notifier | None = None,
         events: Events | None = None,
+        sandbox: Sandbox | None = None,
     ):
         self.settings = settings
+        # What each experiment runs in (agent.sandbox); None finds out what this host gives.
+        self.sandbox = sandbox or Sandbox.from_settings(settings)
         self.events = events or subscriptions.events
         self.subscriptions = subscriptions
         self.executor = executor
@@ -105,6 +109,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until stopped by a signal; return the process exit code."""
         self._prepare_state_dir()
+        self._say_protections()
         self._install_signal_handlers()
         self.recover()
         if self.watcher is not None:
@@ -154,9 +159,17 @@ class Supervisor:
         self._wake()
 
     def _prepare_state_dir(self) -> None:
-        state = self.settings.state_dir
+        state, work = self.settings.state_dir, self.settings.effective_work_dir
         state.mkdir(parents=True, exist_ok=True)
-        os.chmod(state, 0o700)  # it holds raw messages, and those carry storage credentials
+        work.mkdir(parents=True, exist_ok=True)
+        if self.sandbox.pool is not None:
+            # Everything the agent makes is its own (the unit's UMask=0077, everywhere), and
+            # slot users may only pass through to their run dir: list nothing, read nothing.
+            os.umask(0o077)
+            os.chmod(state, 0o711)
+            os.chmod(work, 0o711)
+        else:
+            os.chmod(state, 0o700)  # it holds raw messages, and those carry credentials
         handle = (state / "agent.lock").open("ab")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,6 +177,13 @@ class Supervisor:
             handle.close()
             raise ConfigError(f"{state}: another studio-agent is using this state_dir") from None
         self._state_lock = handle
+
+    def _say_protections(self) -> None:
+        """Once at start: which protections this host gives experiments, which it does not."""
+        if any(self.sandbox.protections().values()):
+            log.warning("experiment isolation: %s (README: Security)", self.sandbox.describe())
+        else:
+            log.info("experiment isolation: %s", self.sandbox.describe())
 
     def recover(self) -> None:
         """Undo what a killed predecessor left: its experiments' processes, then its messages."""
@@ -245,6 +265,7 @@ class Supervisor:
             self.subscriptions,
             self.jobs.values(),
             self.admission.describe(),
+            self.sandbox.protections(),
         )
 
     def wake(self) -> None:
@@ -302,6 +323,8 @@ class Supervisor:
                 gpus=ticket.grant.uuids,
                 storage=ticket.storage,
                 on_phase=functools.partial(self.gate.ledger.enter, ticket.record),
+                sandbox=self.sandbox,
+                devices=ticket.grant.devices,
             )
         except BaseException:
             self.admission.release(ticket.grant)

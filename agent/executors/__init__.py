@@ -47,7 +47,8 @@ def build_executor(settings: Settings) -> Executor:
         from agent.executors.envcache import EnvCache
         from agent.executors.venv import VenvExecutor
 
-        cache = EnvCache(settings.cache_dir / "venvs", settings.cache_size, settings.installer)
+        root = settings.cache_dir / "venvs"
+        cache = EnvCache(root, settings.cache_size, settings.installer, pass_env=settings.pass_env)
         return VenvExecutor(cache, settings.python_interpreters, settings.python_nearest)
 
     def singularity() -> Executor:

@@ -6,12 +6,52 @@ process-group handling, output capture and time limits.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from agent.request import Request
-from agent.storage.base import StorageOptions
+
+# Downloads the request's artifact ``label`` into a folder; returns the bytes fetched. Made by
+# the run, which holds the request's storage policy, so executors never touch storage.
+Fetch = Callable[[str, Path], int]
+
+
+class Confine(Protocol):
+    """Where a child the executor starts for the request runs (agent.sandbox.Confinement)."""
+
+    scratch: Path
+
+    @property
+    def home(self) -> Path | None: ...
+    def command(self, argv: Sequence[str]) -> list[str]: ...
+    def give(self, path: Path) -> None: ...
+    def reclaim(self, path: Path) -> None: ...
+
+
+class Unconfined:
+    """Children run as the agent, in no cgroup of their own: ``isolation: off``."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+
+    @property
+    def home(self) -> Path | None:
+        return None
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+    def give(self, path: Path) -> None:
+        pass
+
+    def reclaim(self, path: Path) -> None:
+        pass
+
+
+def _no_fetch(label: str, folder: Path) -> int:
+    raise RuntimeError(f"this run cannot fetch {label}")
 
 
 @dataclass(frozen=True)
@@ -26,8 +66,8 @@ class RunContext:
     home: Path
     output_file: Path  # <exp>/output/output: install logs and the run's output go here
     gpus: tuple[str, ...] = ()  # UUIDs of the cards assigned to this run (empty: none)
-    # Where its source lets it fetch from (agent.trust); a frozen value, safe to share.
-    storage: StorageOptions = field(default_factory=StorageOptions)
+    fetch: Fetch = _no_fetch  # the request's own artifacts, by its source's policy
+    confine: Confine | None = None  # None: the children run unconfined, in home/tmp
 
     @property
     def exp_dir(self) -> Path:
@@ -39,6 +79,15 @@ class RunContext:
 
     def artifact_dir(self, label: str) -> Path:
         return self.exp_dir / label
+
+    @property
+    def scratch(self) -> Path:
+        """The run's private TMPDIR (and HOME under a slot identity)."""
+        return self.home / "tmp"
+
+    @property
+    def child(self) -> Confine:
+        return self.confine if self.confine is not None else Unconfined(self.scratch)
 
 
 Wrap = Callable[[list[str], dict[str, str]], tuple[list[str], dict[str, str]]]

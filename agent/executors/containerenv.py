@@ -13,12 +13,14 @@ changes: a ``--target`` directory instead of a virtualenv.
 """
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import ConfigError, EnvironmentFailed
+from agent.executors.base import Confine
 from agent.executors.envcache import EnvCache
 from agent.executors.pythonenv import Interpreter
 
@@ -68,27 +70,30 @@ class ImagePython(Interpreter):
 class ContainerEnvCache(EnvCache):
     """EnvCache whose envs are ``uv pip install --target`` directories for an image's Python."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        super().__init__(root, max_bytes, "uv")
+    def __init__(self, root: Path, max_bytes: int, pass_env: Sequence[str] = ()) -> None:
+        super().__init__(root, max_bytes, "uv", pass_env=pass_env)
         if self._uv is None:  # "uv" was asked: EnvCache has raised already; this is for mypy
             raise ConfigError("container environments need uv")
 
-    def _create_venv(self, interpreter: Interpreter, env_dir: Path, log: BinaryIO) -> None:
+    def _begin(self, interpreter: Interpreter, env_dir: Path) -> None:
         if not isinstance(interpreter, ImagePython):
             raise TypeError("ContainerEnvCache builds for an ImagePython only")
-        env_dir.mkdir(parents=True)
         target = {
             "python_version": f"{interpreter.version[0]}.{interpreter.version[1]}",
             "python_platform": interpreter.platform,
         }
         (env_dir / TARGET_FILE).write_text(json.dumps(target))
 
-    def _install(self, env_dir: Path, file_name: str, lines: Sequence[str], log: BinaryIO) -> None:
-        if not lines:
-            return
-        target = json.loads((env_dir / TARGET_FILE).read_text())
-        req_file = env_dir / file_name
-        req_file.write_text("".join(f"{line}\n" for line in lines))
+    def _create_venv(
+        self, interpreter: Interpreter, env_dir: Path, log: BinaryIO, child: Confine
+    ) -> None:
+        pass  # a --target directory needs no venv; _begin wrote its target
+
+    def _install(self, env_dir: Path, req_file: Path, log: BinaryIO, child: Confine) -> None:
+        # Never through a link: the build (the request's code) may write this directory.
+        fd = os.open(env_dir / TARGET_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as handle:
+            target = json.load(handle)
         argv = [
             str(self._uv),
             "pip",
@@ -102,4 +107,4 @@ class ContainerEnvCache(EnvCache):
             "-r",
             str(req_file),
         ]
-        self._run_installer("uv pip install --target", argv, log)
+        self._run_installer("uv pip install --target", argv, log, child)

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -30,9 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal
 
-from agent.errors import ConfigError, EnvironmentFailed
+from agent import childenv
+from agent.errors import ConfigError, EnvironmentFailed, TransientError
+from agent.executors.base import Confine, Unconfined
 from agent.executors.pythonenv import Interpreter
 from agent.report import metrics
+from agent.sandbox.identity import chown_tree
 
 InstallerChoice = Literal["auto", "uv", "pip"]
 
@@ -42,8 +46,25 @@ REQUIREMENTS_FILE = ".studio-requirements.txt"
 CONFIG_PIP_FILE = ".studio-config-pip.txt"
 TAIL_LINES = 20
 DEFAULT_INSTALL_TIMEOUT = 3600.0
-# These would point the installer (and so the new env) at the agent's own interpreter.
-_HIDDEN_VARIABLES = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
+# What an installer prints when the network or the index failed, not the request: another
+# try later may work, so the message goes back instead of being acknowledged as failed.
+_TRANSIENT_OUTPUT = (
+    "temporary failure in name resolution",
+    "name or service not known",
+    "failed to establish a new connection",
+    "connection refused",
+    "connection reset",
+    "network is unreachable",
+    "timed out",
+    "read timeout",
+    "dns error",
+    "error sending request",
+    "503 service unavailable",
+    "502 bad gateway",
+    "504 gateway",
+    "500 internal server error",
+    "http status server error",
+)
 
 
 @dataclass(frozen=True)
@@ -170,7 +191,9 @@ class EnvCache:
         max_bytes: int,
         installer: InstallerChoice = "auto",
         install_timeout: float = DEFAULT_INSTALL_TIMEOUT,
+        pass_env: Sequence[str] = (),
     ) -> None:
+        self.pass_env = tuple(pass_env)
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.install_timeout = install_timeout
@@ -182,6 +205,7 @@ class EnvCache:
             )
         self.installer: Literal["uv", "pip"] = "pip" if self._uv is None else "uv"
         self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)  # runs under a slot identity reach their env, list nothing
 
     def acquire(
         self,
@@ -189,15 +213,25 @@ class EnvCache:
         requirements: Sequence[str],
         extra: Sequence[str],
         log: BinaryIO,
+        confine: Confine | None = None,
     ) -> EnvLease:
-        """Reuse or build the env for these packages and hold it until the lease is released."""
+        """Reuse or build the env for these packages and hold it until the lease is released.
+
+        A build runs confined as the request's own run (``confine``): the packages' build code
+        is the request's code, and must not see the agent's files or environment.
+        """
         spec = EnvSpec(interpreter, tuple(requirements), tuple(extra))
         key, env_dir = spec.key, self.root / spec.key
         # Shared from the start: eviction cannot remove the env while it is checked or built.
         fd = _lock_file(self.root / f"{key}.lock", fcntl.LOCK_SH)
         assert fd is not None  # only LOCK_NB can come back empty-handed
         try:
-            built = not _is_complete(env_dir) and self._build_once(spec, log)
+            child = confine or Unconfined(self.root / ".scratch")
+            if _is_complete(env_dir):
+                _open_to_runs(env_dir)
+                built = False
+            else:
+                built = self._build_once(spec, log, child)
             (env_dir / LAST_USED).touch()
         except BaseException:
             os.close(fd)
@@ -210,19 +244,19 @@ class EnvCache:
             _say(log, f"reusing environment {key} (Python {interpreter.version_text})")
         return lease
 
-    def _build_once(self, spec: EnvSpec, log: BinaryIO) -> bool:
+    def _build_once(self, spec: EnvSpec, log: BinaryIO, child: Confine) -> bool:
         """Build the env unless a racing request finished it first; True when this call built."""
         build_fd = _lock_file(self.root / f"{spec.key}.build", fcntl.LOCK_EX)
         assert build_fd is not None
         try:
             if _is_complete(self.root / spec.key):
                 return False
-            self._build(spec, log)
+            self._build(spec, log, child)
             return True
         finally:
             os.close(build_fd)
 
-    def _build(self, spec: EnvSpec, log: BinaryIO) -> None:
+    def _build(self, spec: EnvSpec, log: BinaryIO, child: Confine) -> None:
         key, env_dir = spec.key, self.root / spec.key
         count = len(spec.requirements) + len(spec.extra)
         _say(
@@ -233,16 +267,43 @@ class EnvCache:
         if env_dir.exists():
             _say(log, f"removing the unfinished build of environment {key}")
             shutil.rmtree(env_dir)
+        folder, files = self._requirement_files(spec)
         try:
-            self._create_venv(spec.interpreter, env_dir, log)
-            self._install(env_dir, REQUIREMENTS_FILE, spec.requirements, log)
-            self._install(env_dir, CONFIG_PIP_FILE, spec.extra, log)
+            env_dir.mkdir()
+            self._begin(spec.interpreter, env_dir)
+            child.give(env_dir)  # the build writes it as the run's identity ...
+            self._create_venv(spec.interpreter, env_dir, log, child)
+            for path in files.values():
+                self._install(env_dir, path, log, child)
+            child.reclaim(env_dir)  # ... then it is the agent's: no run can change it
+            for name, path in files.items():
+                shutil.copyfile(path, env_dir / name)
             self._write_marker(env_dir, spec)
         except BaseException:
             shutil.rmtree(env_dir, ignore_errors=True)
             raise
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _create_venv(self, interpreter: Interpreter, env_dir: Path, log: BinaryIO) -> None:
+    def _requirement_files(self, spec: EnvSpec) -> tuple[Path, dict[str, Path]]:
+        """The requirement lists, written where the build may read but not change them."""
+        folder = Path(tempfile.mkdtemp(prefix=".req-", dir=self.root))
+        os.chmod(folder, 0o711)
+        files = {}
+        for name, lines in ((REQUIREMENTS_FILE, spec.requirements), (CONFIG_PIP_FILE, spec.extra)):
+            if lines:
+                path = folder / name
+                path.write_text("".join(f"{line}\n" for line in lines))
+                os.chmod(path, 0o644)
+                files[name] = path
+        return folder, files
+
+    def _begin(self, interpreter: Interpreter, env_dir: Path) -> None:
+        """What the agent writes into a new env before the build (nothing, for a venv)."""
+
+    def _create_venv(
+        self, interpreter: Interpreter, env_dir: Path, log: BinaryIO, child: Confine
+    ) -> None:
         if self._uv is not None:
             # --seed: pip and setuptools in the env, as a pip-built env has them; experiments
             # that call pip or pkg_resources behave the same whichever installer built it.
@@ -254,43 +315,44 @@ class EnvCache:
                 str(interpreter.path),
                 str(env_dir),
             ]
-            self._run_installer("uv venv", argv, log)
+            self._run_installer("uv venv", argv, log, child)
         else:
             argv = [str(interpreter.path), "-m", "venv", str(env_dir)]
-            self._run_installer("python -m venv", argv, log)
+            self._run_installer("python -m venv", argv, log, child)
 
-    def _install(self, env_dir: Path, file_name: str, lines: Sequence[str], log: BinaryIO) -> None:
-        if not lines:
-            return
-        req_file = env_dir / file_name
-        req_file.write_text("".join(f"{line}\n" for line in lines))
+    def _install(self, env_dir: Path, req_file: Path, log: BinaryIO, child: Confine) -> None:
         python = str(env_dir / "bin" / "python")
         if self._uv is not None:
             argv = [str(self._uv), "pip", "install", "--python", python, "-r", str(req_file)]
-            self._run_installer("uv pip install", argv, log)
+            self._run_installer("uv pip install", argv, log, child)
         else:
             argv = [python, "-m", "pip", "install", "--disable-pip-version-check"]
-            self._run_installer("pip install", [*argv, "-r", str(req_file)], log)
+            self._run_installer("pip install", [*argv, "-r", str(req_file)], log, child)
 
-    def _installer_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_VARIABLES}
-        env["UV_CACHE_DIR"] = str(self.root / ".uv-cache")
-        env.setdefault("PIP_NO_INPUT", "1")
+    def _installer_env(self, child: Confine) -> dict[str, str]:
+        env = childenv.installer_env(self.pass_env, child.scratch, child.home)
+        # A shared download cache only where every build is the agent itself; a confined
+        # build gets its own, so one request's build cannot plant files for another's.
+        shared = child.home is None
+        env["UV_CACHE_DIR"] = str(self.root / ".uv-cache" if shared else child.scratch / "uv")
+        if not shared:
+            env["PIP_CACHE_DIR"] = str(child.scratch / "pip")
         return env
 
-    def _run_installer(self, step: str, argv: list[str], log: BinaryIO) -> None:
+    def _run_installer(self, step: str, argv: list[str], log: BinaryIO, child: Confine) -> None:
         """Run one installer step, copying its output to ``log`` and keeping the tail for errors."""
         _say(log, f"$ {' '.join(argv)}")
         tail: deque[bytes] = deque(maxlen=TAIL_LINES)
         timed_out = threading.Event()
         # Its own session, so that killing it also kills the build backends pip and uv start.
+        child.scratch.mkdir(parents=True, exist_ok=True)
         with subprocess.Popen(
-            argv,
+            child.command(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=self._installer_env(),
-            cwd=self.root,
+            env=self._installer_env(child),
+            cwd=child.scratch,
             start_new_session=True,
         ) as proc:
             timer = threading.Timer(self.install_timeout, _time_out, (proc, timed_out))
@@ -307,9 +369,10 @@ class EnvCache:
                 timer.cancel()
                 log.flush()
         if proc.returncode != 0:
-            raise EnvironmentFailed(
-                _failure_message(step, proc.returncode, tail, timed_out.is_set())
-            )
+            message = _failure_message(step, proc.returncode, tail, timed_out.is_set())
+            if _is_transient(tail):
+                raise TransientError(f"{message}\n(the network or the index failed: try later)")
+            raise EnvironmentFailed(message)
 
     def _write_marker(self, env_dir: Path, spec: EnvSpec) -> None:
         record = {
@@ -377,6 +440,17 @@ def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _open_to_runs(env_dir: Path) -> None:
+    """Make an env built before runs had slot identities (mode 0700) usable by them."""
+    if env_dir.stat().st_mode & 0o005 != 0o005:
+        chown_tree(env_dir, os.getuid(), os.getgid(), readable=True)
+
+
+def _is_transient(tail: deque[bytes]) -> bool:
+    text = b"".join(tail).decode(errors="replace").lower()
+    return any(sign in text for sign in _TRANSIENT_OUTPUT)
 
 
 def _failure_message(step: str, code: int, tail: deque[bytes], timed_out: bool) -> str:

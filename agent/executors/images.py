@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agent.errors import EnvironmentFailed
+from agent.executors.base import Fetch
 from agent.request import Artifact, Request, StudioConfig
 from agent.settings import ImageSource
-from agent.storage import transfer
-from agent.storage.base import StorageOptions
 
 ARTIFACT = "_singularity"
 PULL_SCHEMES: dict[str, ImageSource] = {
@@ -119,9 +118,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _shared_dir(path: Path) -> Path:
+    """A cache folder runs under a slot identity can pass through (not list) to their image."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o711)
+    return path
+
+
+def _publish(partial: Path, image: Path) -> None:
+    """Move a finished image into place, readable by every run (it is the run's own input)."""
+    os.chmod(partial, 0o644)
+    os.replace(partial, image)
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _shared_dir(path.parent)
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
@@ -142,11 +154,12 @@ class ImageStore:
         self._digests_lock = threading.Lock()
 
     def materialize(
-        self, ref: ImageRef, config: StudioConfig, log: BinaryIO, storage: StorageOptions
+        self, ref: ImageRef, config: StudioConfig, log: BinaryIO, fetch: Fetch
     ) -> LocalImage:
-        """The image on this host; ``storage`` is the run's policy for a stored image."""
+        """The image on this host; ``fetch`` downloads a stored one by the run's policy."""
+        _shared_dir(self.root)
         if ref.artifact is not None:
-            return self._stored(ref.artifact, config, log, storage)
+            return self._stored(ref.artifact, config, log, fetch)
         if ref.source == "file":
             return self._host_path(Path(ref.location))
         return self._pulled(ref.location, log)
@@ -165,7 +178,7 @@ class ImageStore:
                 try:
                     self._pull(uri, partial, log)
                     digest_file.write_text(sha256_file(partial))
-                    os.replace(partial, image)
+                    _publish(partial, image)
                 finally:
                     partial.unlink(missing_ok=True)
             os.utime(digest_file)  # last use, for whoever prunes the cache
@@ -174,7 +187,7 @@ class ImageStore:
     # -- objects in the request's storage -----------------------------------------------------
 
     def _stored(
-        self, artifact: Artifact, config: StudioConfig, log: BinaryIO, storage: StorageOptions
+        self, artifact: Artifact, config: StudioConfig, log: BinaryIO, fetch: Fetch
     ) -> LocalImage:
         key = artifact.key or artifact.qualified or ""
         store = config.storage
@@ -189,20 +202,19 @@ class ImageStore:
                     _say(log, f"using the cached image of {key}")
                     return LocalImage(image, image.stem)
             _say(log, f"downloading the image {key}")
-            image = self._download(artifact, config, storage)
+            image = self._download(fetch)
             index.write_text(image.stem)
             return LocalImage(image, image.stem)
 
-    def _download(self, artifact: Artifact, config: StudioConfig, storage: StorageOptions) -> Path:
+    def _download(self, fetch: Fetch) -> Path:
         incoming = self.root / "incoming" / uuid.uuid4().hex
         try:
-            transfer.fetch(ARTIFACT, artifact, config, incoming, 0, storage)
+            fetch(ARTIFACT, incoming)
             found = self._single_file(incoming)
             digest = sha256_file(found)
-            image = self.root / "blobs" / f"{digest}.sif"
-            image.parent.mkdir(parents=True, exist_ok=True)
+            image = _shared_dir(self.root / "blobs") / f"{digest}.sif"
             if not image.is_file():
-                os.replace(found, image)
+                _publish(found, image)
             return image
         finally:
             shutil.rmtree(incoming, ignore_errors=True)

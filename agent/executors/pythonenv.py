@@ -10,6 +10,7 @@ against the interpreters this host has, as the Go runner does with pyenv version
 import glob
 import os
 import re
+import stat
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -196,6 +197,18 @@ def discover_interpreters(extra: Sequence[Path] = ()) -> list[Interpreter]:
         if version is not None and version[:2] >= MIN_VERSION:
             found.append(Interpreter(real, version))
     return found
+
+
+def usable_by_others(path: Path) -> bool:
+    """Whether a user other than its owner can run ``path``: a run under a slot identity
+    cannot use an interpreter in the agent's home (pyenv under /root, say)."""
+    for part in [path, *path.parents]:
+        try:
+            if not part.stat().st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- interpreter selection

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from agent.errors import ConfigError, EnvironmentFailed
 from agent.executors.base import Executor, Launch, RunContext
@@ -112,6 +112,28 @@ def detect_runtime() -> Runtime:
     return Runtime(binary, version, flavor, no_privs)
 
 
+def _probe_answer(stdout: str) -> dict[str, Any] | None:
+    """The probe's last line, which the image printed: untrusted, so anything odd is None."""
+    lines = stdout.strip().splitlines()
+    try:
+        info = json.loads(lines[-1])
+        _image_python(info, "")
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _image_python(info: dict[str, Any], digest: str) -> ImagePython:
+    major, minor, micro = (int(part) for part in info["version"])
+    return ImagePython(
+        Path("python3"),
+        (major, minor, micro),
+        image_digest=digest,
+        libc=(str(info["libc"][0]), str(info["libc"][1])),
+        machine=str(info["machine"]),
+    )
+
+
 def env_file_text(env: Mapping[str, str]) -> str:
     """``K='v'`` lines whose values arrive verbatim.
 
@@ -134,7 +156,7 @@ class SingularityExecutor(Executor):
         self._runtime_lock = threading.Lock()
         root = settings.cache_dir / "containers"
         self.images = ImageStore(root / "images", self._pull)
-        self.envs = ContainerEnvCache(root / "envs", settings.cache_size)
+        self.envs = ContainerEnvCache(root / "envs", settings.cache_size, settings.pass_env)
         self._pythons: dict[str, ImagePython | None] = {}
         self._pythons_lock = threading.Lock()
 
@@ -170,12 +192,12 @@ class SingularityExecutor(Executor):
             for note in notes:
                 out.write(f"studio-agent: {note}\n".encode())
             runtime = self.runtime
-            image = self.images.materialize(ref, request.config, out, ctx.storage)
+            image = self.images.materialize(ref, request.config, out, ctx.fetch)
             out.write(f"studio-agent: image {ref.location} ({image.digest[:16]})\n".encode())
             lease = None
             if experiment.filename and (requirements or extra):
-                python = self.image_python(runtime, image)
-                lease = self.envs.acquire(python, requirements, extra, out)
+                python = self.image_python(runtime, image, ctx)
+                lease = self.envs.acquire(python, requirements, extra, out, ctx.child)
         # A container-only request (no filename) runs the image's own runscript.
         argv = ["python3", experiment.filename, *words] if experiment.filename else words
         action = "exec" if experiment.filename else "run"
@@ -184,44 +206,50 @@ class SingularityExecutor(Executor):
         )
         return Launch(argv=argv, release=lease.release if lease else lambda: None, wrap=wrap)
 
-    def image_python(self, runtime: Runtime, image: LocalImage) -> ImagePython:
+    def image_python(self, runtime: Runtime, image: LocalImage, ctx: RunContext) -> ImagePython:
         """The image's python3 (version, libc, machine), probed once per image content."""
         with self._pythons_lock:
             if image.digest not in self._pythons:
-                self._pythons[image.digest] = self._probe(runtime, image)
+                self._pythons[image.digest] = self._probe(runtime, image, ctx)
             found = self._pythons[image.digest]
         if found is None:
             raise EnvironmentFailed(f"image {image.path} has no working python3")
         return found
 
-    def _probe(self, runtime: Runtime, image: LocalImage) -> ImagePython | None:
+    def _probe(self, runtime: Runtime, image: LocalImage, ctx: RunContext) -> ImagePython | None:
         record = self.images.root / "python" / f"{image.digest}.json"
         try:
             info = json.loads(record.read_text())
         except (OSError, ValueError):
             argv = [runtime.binary, "exec", *self._base_flags(runtime), str(image.path)]
-            done = subprocess.run(
-                [*argv, "python3", "-c", _PROBE],
-                capture_output=True,
-                text=True,
-                timeout=PROBE_TIMEOUT,
-                check=False,
-                stdin=subprocess.DEVNULL,
-                env={"PATH": os.environ.get("PATH", os.defpath)},
-            )
+            # The image is the request's code: it runs confined, as the experiment will.
+            try:
+                done = self._run_probe(ctx, argv)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.warning("python3 probe of %s failed: %s", image.path, exc)
+                return None
             if done.returncode != 0:
                 log.warning("python3 probe of %s failed: %s", image.path, done.stderr[-500:])
                 return None
-            info = json.loads(done.stdout.strip().splitlines()[-1])
+            info = _probe_answer(done.stdout)
+            if info is None:
+                return None
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(info))
-        major, minor, micro = (int(part) for part in info["version"])
-        return ImagePython(
-            Path("python3"),
-            (major, minor, micro),
-            image_digest=image.digest,
-            libc=(str(info["libc"][0]), str(info["libc"][1])),
-            machine=str(info["machine"]),
+        return _image_python(info, image.digest)
+
+    @staticmethod
+    def _run_probe(ctx: RunContext, argv: list[str]) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(
+            ctx.child.command([*argv, "python3", "-c", _PROBE]),
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=PROBE_TIMEOUT,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env={"PATH": os.environ.get("PATH", os.defpath), "HOME": str(ctx.scratch)},
+            cwd=ctx.scratch,
         )
 
     def _base_flags(self, runtime: Runtime) -> list[str]:
@@ -244,6 +272,7 @@ class SingularityExecutor(Executor):
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(env_file_text(self._inner_env(env, packages, ctx)))
+        ctx.child.give(env_file)  # the runtime reads it as the run's identity; no other run can
         home = str(ctx.home)
         flags = [*self._base_flags(runtime), "--env-file", str(env_file)]
         flags += ["--bind", f"{home}:{home}", "--pwd", str(ctx.workspace)]

@@ -9,7 +9,12 @@ from pathlib import Path
 from agent.errors import EnvironmentFailed
 from agent.executors.base import Executor, Launch, RunContext
 from agent.executors.envcache import EnvCache
-from agent.executors.pythonenv import discover_interpreters, filter_requirements, select_interpreter
+from agent.executors.pythonenv import (
+    discover_interpreters,
+    filter_requirements,
+    select_interpreter,
+    usable_by_others,
+)
 
 # What shlex.quote leaves bare, and what it wraps in single quotes: most words are one of these,
 # and take the fast path (shlex's pure-Python lexer costs about a microsecond a character).
@@ -70,12 +75,11 @@ class VenvExecutor(Executor):
             for note in notes:
                 log.write(f"studio-agent: {note}\n".encode())
             log.flush()
-            interpreter = select_interpreter(
-                experiment.pythonver,
-                discover_interpreters(self._interpreters),
-                self._allow_nearest,
-            )
-            lease = self._cache.acquire(interpreter, requirements, extra, log)
+            found = discover_interpreters(self._interpreters)
+            if ctx.child.home is not None:  # a slot identity runs it: only what others may run
+                found = [i for i in found if usable_by_others(i.path)]
+            interpreter = select_interpreter(experiment.pythonver, found, self._allow_nearest)
+            lease = self._cache.acquire(interpreter, requirements, extra, log, ctx.child)
         venv = lease.path
         return Launch(
             argv=build_argv(lease.python, experiment.filename, experiment.args),

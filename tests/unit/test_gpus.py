@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
+from agent.childenv import gpu_env
 from agent.cli import main
 from agent.errors import ConfigError
 from agent.executors.base import Executor, Launch, RunContext
-from agent.experiment import ExperimentRun, gpu_env
+from agent.experiment import ExperimentRun
 from agent.gpus import (
     Card,
     NvmlInventory,
@@ -23,9 +24,13 @@ from agent.gpus import (
 from agent.intake import parse_message
 from agent.settings import load_settings
 
-A = Card(0, "GPU-aaaa1111-0000-0000-0000-000000000000", "Tesla V100", 16 * 2**30)
-B = Card(1, "GPU-bbbb2222-0000-0000-0000-000000000000", "Tesla V100", 16 * 2**30)
-C = Card(2, "GPU-bbbb3333-0000-0000-0000-000000000000", "A100", 40 * 2**30)
+A = Card(
+    0, "GPU-aaaa1111-0000-0000-0000-000000000000", "Tesla V100", 16 * 2**30, device="/dev/nvidia0"
+)
+B = Card(
+    1, "GPU-bbbb2222-0000-0000-0000-000000000000", "Tesla V100", 16 * 2**30, device="/dev/nvidia1"
+)
+C = Card(2, "GPU-bbbb3333-0000-0000-0000-000000000000", "A100", 40 * 2**30, device="/dev/nvidia2")
 CARDS = [A, B, C]
 
 
@@ -39,11 +44,17 @@ def test_static_inventory_reads_sizes_and_flags(tmp_path: Path) -> None:
     path = tmp_path / "gpus.json"
     path.write_text(
         json.dumps(
-            [{"uuid": "GPU-1", "name": "T4", "memory": "16GiB"}, {"uuid": "GPU-2", "ecc_failed": 1}]
+            [
+                {"uuid": "GPU-1", "name": "T4", "memory": "16GiB"},
+                {"uuid": "GPU-2", "ecc_failed": 1, "device": "/srv/stand-in/nvidia5"},
+            ]
         )
     )
     cards = StaticInventory.from_file(path).cards()
-    assert cards == [Card(0, "GPU-1", "T4", 16 * 2**30), Card(1, "GPU-2", "GPU", 0, True)]
+    assert cards == [
+        Card(0, "GPU-1", "T4", 16 * 2**30, device="/dev/nvidia0"),  # by default, by its index
+        Card(1, "GPU-2", "GPU", 0, True, device="/srv/stand-in/nvidia5"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -207,6 +218,9 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle: int) -> str:
         return "Tesla T4"
 
+    def nvmlDeviceGetMinorNumber(self, handle: int) -> int:
+        return handle + 4  # /dev/nvidia<minor>, which need not be the index
+
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
         return SimpleNamespace(total=16 * 2**30)
 
@@ -227,4 +241,4 @@ class FakeNvml:
 )
 def test_nvml_card_reads_ecc_tolerantly(ecc: int | None, pending: int | None, failed: bool) -> None:
     card = _nvml_card(FakeNvml(ecc, pending), 3)
-    assert card == Card(3, "GPU-1234", "Tesla T4", 16 * 2**30, failed)
+    assert card == Card(3, "GPU-1234", "Tesla T4", 16 * 2**30, failed, device="/dev/nvidia7")

@@ -10,6 +10,7 @@ from typing import BinaryIO
 import pytest
 
 from agent.errors import EnvironmentFailed
+from agent.executors.base import Fetch
 from agent.executors.containerenv import ImagePython
 from agent.executors.images import (
     ImageRef,
@@ -21,6 +22,7 @@ from agent.executors.images import (
 )
 from agent.executors.singularity import env_file_text, flavor_of, lacks_sys_resource
 from agent.request import Artifact, Request, StudioConfig
+from agent.storage import transfer
 from agent.storage.base import StorageOptions
 
 
@@ -94,9 +96,18 @@ def store_sif(root: Path, payload: bytes) -> tuple[Artifact, StudioConfig]:
     return Artifact(key=key, local="/elsewhere/img.sif"), config
 
 
-def local_policy(root: Path) -> StorageOptions:
-    """The policy of a local queue whose local stores lie under ``root``."""
-    return StorageOptions(local_roots=(root,))
+def local_fetch(
+    root: Path, artifact: Artifact | None = None, config: StudioConfig | None = None
+) -> Fetch:
+    """How a run from a local queue whose stores lie under ``root`` fetches ``artifact``."""
+    policy = StorageOptions(local_roots=(root,))
+
+    def fetch(label: str, folder: Path) -> int:
+        if artifact is None or config is None:
+            raise AssertionError(f"no fetch expected of {label}")
+        return transfer.fetch(label, artifact, config, folder, 0, policy)
+
+    return fetch
 
 
 def no_pull(uri: str, target: Path, log: BinaryIO) -> None:
@@ -108,11 +119,11 @@ def test_stored_image_is_downloaded_once_and_named_by_content(tmp_path: Path) ->
     images = ImageStore(tmp_path / "cache", no_pull)
     ref = ImageRef("file", artifact.key or "", artifact)
     log = io.BytesIO()
-    first = images.materialize(ref, config, log, local_policy(tmp_path))
+    first = images.materialize(ref, config, log, local_fetch(tmp_path, artifact, config))
     assert first.digest == hashlib.sha256(b"SIF-bytes").hexdigest()
     assert first.path.read_bytes() == b"SIF-bytes"
     shutil.rmtree(tmp_path / "store")  # a second download would now fail
-    again = images.materialize(ref, config, log, local_policy(tmp_path))
+    again = images.materialize(ref, config, log, local_fetch(tmp_path, artifact, config))
     assert again == first
     assert b"using the cached image of blobstore/" in log.getvalue()
     assert not list((tmp_path / "cache" / "incoming").iterdir())
@@ -130,7 +141,10 @@ def test_stored_artifact_must_hold_one_image(tmp_path: Path) -> None:
     images = ImageStore(tmp_path / "cache", no_pull)
     with pytest.raises(EnvironmentFailed, match="one image file; it holds 2"):
         images.materialize(
-            ImageRef("file", "k", artifact), config, io.BytesIO(), local_policy(tmp_path)
+            ImageRef("file", "k", artifact),
+            config,
+            io.BytesIO(),
+            local_fetch(tmp_path, artifact, config),
         )
 
 
@@ -139,7 +153,7 @@ def test_host_path_digest_is_remembered(tmp_path: Path) -> None:
     image.write_bytes(b"abc")
     images = ImageStore(tmp_path / "cache", no_pull)
     found = images.materialize(
-        ImageRef("file", str(image)), StudioConfig(), io.BytesIO(), local_policy(tmp_path)
+        ImageRef("file", str(image)), StudioConfig(), io.BytesIO(), local_fetch(tmp_path)
     )
     assert (found.path, found.digest) == (image, hashlib.sha256(b"abc").hexdigest())
     with pytest.raises(EnvironmentFailed, match="cannot be used"):
@@ -147,7 +161,7 @@ def test_host_path_digest_is_remembered(tmp_path: Path) -> None:
             ImageRef("file", str(tmp_path / "no")),
             StudioConfig(),
             io.BytesIO(),
-            local_policy(tmp_path),
+            local_fetch(tmp_path),
         )
 
 
@@ -161,8 +175,8 @@ def test_pull_happens_once_per_reference(tmp_path: Path) -> None:
 
     images = ImageStore(tmp_path / "cache", fake_pull)
     ref = ImageRef("docker", "docker://python:3.11")
-    first = images.materialize(ref, StudioConfig(), io.BytesIO(), local_policy(tmp_path))
-    second = images.materialize(ref, StudioConfig(), io.BytesIO(), local_policy(tmp_path))
+    first = images.materialize(ref, StudioConfig(), io.BytesIO(), local_fetch(tmp_path))
+    second = images.materialize(ref, StudioConfig(), io.BytesIO(), local_fetch(tmp_path))
     assert first == second
     assert pulls == ["docker://python:3.11"]
     assert first.digest == hashlib.sha256(b"pulled docker://python:3.11").hexdigest()
