@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent import childenv, rundir, trust
+from agent import childenv, process, rundir, trust
 from agent.checkpoint import Checkpointer
 from agent.errors import AgentError, PermanentError, TransientError
 from agent.execution import Execution
@@ -153,6 +153,9 @@ class ExperimentRun:
         )
         self.ctx = dataclasses.replace(self.ctx, confine=self.confinement)
         self.saver.ctx = self.ctx
+        # Before the first process of the request's (its package build): an agent started
+        # after this one was killed finds the cgroup and ends whatever is in it.
+        process.record_run(self.home / "process.json", 0, self.confinement.record())
         rundir.hand_over(self.ctx, self.confinement)
 
     def _release_confinement(self) -> None:

@@ -107,6 +107,14 @@ def spawn(
         os.close(fd)
 
 
+def record_run(path: Path, pid: int, extra: dict[str, object]) -> None:
+    """What ``kill_orphan`` reads: the run's leader (0: none yet) and its cgroup, if any."""
+    started = start_time(pid) if pid else None
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps({"pid": pid, "start": started, **extra}))
+    os.replace(temporary, path)
+
+
 def kill_orphan(path: Path, grace: float) -> bool:
     """End the run recorded in ``path`` (agent.execution) if any of it still runs.
 

@@ -166,8 +166,10 @@ class Supervisor:
             # Everything the agent makes is its own (the unit's UMask=0077, everywhere), and
             # slot users may only pass through to their run dir: list nothing, read nothing.
             os.umask(0o077)
-            os.chmod(state, 0o711)
-            os.chmod(work, 0o711)
+            cache = self.settings.cache_dir
+            cache.mkdir(parents=True, exist_ok=True)
+            for folder in (state, work, cache):
+                os.chmod(folder, 0o711)
         else:
             os.chmod(state, 0o700)  # it holds raw messages, and those carry credentials
         handle = (state / "agent.lock").open("ab")

@@ -155,6 +155,8 @@ class SingularityExecutor(Executor):
         self._runtime = runtime
         self._runtime_lock = threading.Lock()
         root = settings.cache_dir / "containers"
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o711)  # runs under a slot identity pass through to images and envs
         self.images = ImageStore(root / "images", self._pull)
         self.envs = ContainerEnvCache(root / "envs", settings.cache_size, settings.pass_env)
         self._pythons: dict[str, ImagePython | None] = {}

@@ -188,7 +188,9 @@ def v2_files(limits: Limits, controllers: Iterable[str]) -> dict[str, str]:
 def v1_files(name: str, limits: Limits) -> list[tuple[str, str]]:
     """What a run's directory in v1 hierarchy ``name`` gets written, in order."""
     if name == "memory" and limits.memory is not None:
-        return [("memory.limit_in_bytes", str(limits.memory))]
+        # memsw (memory + swap) after it, as the kernel wants: no swapping past the limit.
+        value = str(limits.memory)
+        return [("memory.limit_in_bytes", value), ("memory.memsw.limit_in_bytes", value)]
     if name == "pids" and limits.tasks is not None:
         return [("pids.max", str(limits.tasks))]
     if name == "cpu":
@@ -218,6 +220,8 @@ def _write_v2(directory: Path, limits: Limits, controllers: Iterable[str]) -> No
 
 def _write_v1(name: str, directory: Path, limits: Limits) -> None:
     for file, value in v1_files(name, limits):
+        if file == "memory.memsw.limit_in_bytes" and not (directory / file).exists():
+            continue  # a kernel without swap accounting
         (directory / file).write_text(value)
 
 

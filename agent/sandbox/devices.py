@@ -12,8 +12,10 @@ from collections.abc import Iterable, Sequence
 
 DeviceRule = tuple[str, int | None, int | None]  # ("c" or "b", major or None, minor or None)
 
-# /dev/null, zero, full, random, urandom; tty, ptmx and every pseudo-terminal; fuse, which
-# Apptainer mounts images with. What systemd's DevicePolicy=closed keeps, plus fuse.
+# /dev/null, zero, full, random, urandom; tty, ptmx and every pseudo-terminal (what systemd's
+# DevicePolicy=closed keeps); fuse, and the loop devices with loop-control, which Apptainer
+# mounts images with (unprivileged: squashfuse; as root or setuid: a loop device). A slot user
+# cannot open a loop device anyway (root:disk 0660); the fence is for the cards.
 BASIC: tuple[DeviceRule, ...] = (
     ("c", 1, 3),
     ("c", 1, 5),
@@ -24,6 +26,8 @@ BASIC: tuple[DeviceRule, ...] = (
     ("c", 5, 2),
     ("c", 136, None),
     ("c", 10, 229),
+    ("b", 7, None),
+    ("c", 10, 237),
 )
 # The driver's control nodes: every CUDA process opens them, whichever card it uses.
 NVIDIA_CONTROL = (
