@@ -10,6 +10,10 @@ called to that first line; "whole run" also covers the upload of the results. Ca
   Python (a fresh executor, the probe record deleted).
 - ``no packages``: an experiment with no requirements. The venv executor still makes a venv;
   the container executor then skips the package env and runs the image's python3 directly.
+- ``sandboxed``: the same warm runs confined as production runs them (agent.sandbox): a slot
+  user, a cgroup per run with limits and a device fence, the run dir handed over and taken
+  back. Needs root (setuid, cgroups); the "added" column is the difference to the same case
+  unconfined, measured in this process.
 
 The image is the test suite's (tests/services/apptainer.py, built once into .cache/test-images).
 Usage: ``.venv/bin/python bench/executors.py [--runs 5] [--package six==1.16.0]``.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import shutil
 import statistics
@@ -39,6 +44,7 @@ from agent import __version__  # noqa: E402
 from agent.executors import build_executor  # noqa: E402
 from agent.executors.base import Executor  # noqa: E402
 from agent.experiment import ExperimentRun  # noqa: E402
+from agent.sandbox import Sandbox  # noqa: E402
 from agent.settings import Settings, load_settings  # noqa: E402
 from agent.submit import Submission, submit  # noqa: E402
 from tests.services.apptainer import build_image  # noqa: E402
@@ -52,6 +58,8 @@ class Case:
     executor: str  # "venv" or "singularity"
     cold: bool
     packages: bool
+    sandboxed: bool = False
+    baseline: str = ""  # the unconfined case a sandboxed one is compared with
 
 
 CASES = [
@@ -61,7 +69,20 @@ CASES = [
     Case("container, cold", "singularity", True, True),
     Case("venv, no packages, warm", "venv", False, False),
     Case("container, no packages", "singularity", False, False),
+    Case("venv, warm, sandboxed", "venv", False, True, True, "venv, warm"),
+    Case("venv, no packages, sandboxed", "venv", False, False, True, "venv, no packages, warm"),
+    Case(
+        "container, no packages, sandboxed",
+        "singularity",
+        False,
+        False,
+        True,
+        "container, no packages",
+    ),
 ]
+BASELINES = {case.name: case.baseline for case in CASES if case.baseline}
+# Slot users as bare uids: no passwd entries needed on the machine that benchmarks.
+SLOTS = ["61184", "61185"]
 
 
 def settings_for(work: Path, case: Case, image: Path) -> Settings:
@@ -74,6 +95,10 @@ def settings_for(work: Path, case: Case, image: Path) -> Settings:
         "container_image": str(image),
         "update_local_db": False,
         "metrics_address": "",
+        # The same interpreter for every case: a slot user cannot run one under /root.
+        "python_interpreters": ["/usr/bin/python3"],
+        "slot_users": SLOTS,
+        "isolation": "required" if case.sandboxed else "off",
     }
     path = work / f"{case.executor}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -104,7 +129,7 @@ def child_start(store: Path, key: str) -> float:
 
 
 def one_run(
-    work: Path, settings: Settings, executor: Executor, packages: list[str]
+    work: Path, settings: Settings, executor: Executor, packages: list[str], sandbox: Sandbox
 ) -> tuple[float, float]:
     workspace = work / f"ws-{time.monotonic_ns()}"
     workspace.mkdir()
@@ -121,7 +146,8 @@ def one_run(
         )
     )
     began = time.time()
-    outcome = ExperimentRun(request, settings, executor).run()
+    confined = sandbox if settings.isolation != "off" else None
+    outcome = ExperimentRun(request, settings, executor, sandbox=confined).run()
     ended = time.time()
     if outcome.status != "completed":
         raise SystemExit(f"run failed: {outcome.detail}\n{outcome.output_tail}")
@@ -135,13 +161,15 @@ def measure(
     packages = [package] if case.packages else []
     make: Callable[[], Executor] = lambda: build_executor(settings)  # noqa: E731
     executor = make()
-    one_run(work, settings, executor, packages)  # warm-up: fills uv's cache and the image probe
+    sandbox = Sandbox.from_settings(settings)
+    # warm-up: fills uv's cache and the image probe
+    one_run(work, settings, executor, packages, sandbox)
     samples: list[tuple[float, ...]] = []
     for _ in range(runs):
         if case.cold:
             empty_env_caches(settings.cache_dir)
             executor = make()
-        samples.append(one_run(work, settings, executor, packages))
+        samples.append(one_run(work, settings, executor, packages, sandbox))
         print(f"  {case.name}: {samples[-1][0] * 1000:.0f} ms", file=sys.stderr)
     return samples
 
@@ -154,15 +182,20 @@ def table(results: dict[str, list[tuple[float, ...]]], runs: int, package: str) 
         f"{platform.platform()}; trivial experiment, requirement {package}; "
         f"median of {runs} runs\n"
     )
-    head = f"{'case':<26}{'start-up ms':>12}{'min':>9}{'max':>9}{'whole run ms':>14}"
-    out.write(f"{head}{'start-up / venv warm':>22}\n")
+    head = f"{'case':<34}{'start-up ms':>12}{'min':>9}{'max':>9}{'whole run ms':>14}"
+    out.write(f"{head}{'start-up / venv warm':>22}{'added ms':>10}\n")
     for name, samples in results.items():
         starts = [s[0] * 1000 for s in samples]
         whole = statistics.median(s[1] for s in samples) * 1000
         ratio = statistics.median(s[0] for s in samples) / base
+        plain = results.get(BASELINES.get(name, ""))
+        added = ""
+        if plain:
+            gap = statistics.median(starts) - statistics.median(s[0] * 1000 for s in plain)
+            added = f"{gap:+.0f}"
         out.write(
-            f"{name:<26}{statistics.median(starts):>12.0f}{min(starts):>9.0f}{max(starts):>9.0f}"
-            f"{whole:>14.0f}{ratio:>21.2f}x\n"
+            f"{name:<34}{statistics.median(starts):>12.0f}{min(starts):>9.0f}{max(starts):>9.0f}"
+            f"{whole:>14.0f}{ratio:>21.2f}x{added:>10}\n"
         )
     return out.getvalue()
 
@@ -177,8 +210,13 @@ def main() -> None:
         raise SystemExit("apptainer is not installed: run scripts/install-apptainer.sh")
     image = build_image(apptainer)
     results: dict[str, list[tuple[float, ...]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-executors-") as tmp:
+    # Under /var/tmp and open to pass through: slot users must reach their run dir.
+    with tempfile.TemporaryDirectory(prefix="bench-executors-", dir="/var/tmp") as tmp:
+        os.chmod(tmp, 0o711)
         for case in CASES:
+            if case.sandboxed and os.geteuid() != 0:
+                print(f"{case.name}: skipped, the sandbox needs root", file=sys.stderr)
+                continue
             print(f"{case.name} ...", file=sys.stderr)
             results[case.name] = measure(Path(tmp), case, image, args.runs, args.package)
     print(table(results, args.runs, args.package), end="")
