@@ -50,10 +50,17 @@ class Execution:
         self.interval = interval
         self.pid = 0
 
-    def run(self, argv: list[str], env: dict[str, str], limit: float) -> Result:
+    def run(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        limit: float,
+        on_start: Callable[[int], None] = lambda pid: None,
+    ) -> Result:
         proc = process.spawn(self._command(argv), self.ctx.workspace, env, self.ctx.output_file)
         self.pid = proc.pid
         self._record(proc, self.ctx.home / "process.json")
+        on_start(proc.pid)
         try:
             status, code = self._watch(proc, time.monotonic() + limit)
         finally:

@@ -216,8 +216,7 @@ class ExperimentRun:
             self.saver.checkpoint,
             self.saver.interval(),
         )
-        self._record(f"starting, time limit {limit:.0f}s")
-        result = execution.run(argv, env, limit)
+        result = execution.run(argv, env, limit, functools.partial(self._started, launch, limit))
         outcome.status, outcome.exit_code, outcome.detail = (
             result.status,
             result.exit_code,
@@ -227,6 +226,10 @@ class ExperimentRun:
         self._record(f"stopped: {result.status}, {result.detail}")
         if result.status != "completed":
             self._note(result.detail)
+
+    def _started(self, launch: Launch, limit: float, pid: int) -> None:
+        log.info("experiment %s started as pid %d: %s", self.request.key, pid, launch.argv[1:2])
+        self._record(f"started as pid {pid}, time limit {limit:.0f}s")
 
     def checkpoint(self, final: bool = False) -> int:
         return self.saver.checkpoint(final)

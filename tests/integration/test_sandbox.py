@@ -478,3 +478,55 @@ def test_isolation_required_refuses_to_start_without_slot_users(
     )
     assert done.returncode == 78
     assert "isolation is required but not available: identity: no slot users" in done.stderr
+
+
+CONTAINED = """
+import json, os
+caps = [ln.strip() for ln in open("/proc/self/status") if ln.startswith("CapEff")]
+print("in the image as", os.getuid(), "caps", caps[0])
+try:
+    open(os.environ["CERTS"] + "/rabbitmq/team").read()
+    print("credential read")
+except OSError as exc:
+    print("credential refused:", type(exc).__name__)
+import six
+print("six from", six.__file__)
+"""
+
+
+# Apptainer looks its user up in passwd: bare uids will not do, so these are real accounts
+# (system users, no home, no login), made once on the test machine, as the package makes its own.
+NAMED_SLOTS = ["studio-tslot0", "studio-tslot1"]
+
+
+@pytest.fixture(scope="session")
+def named_slots() -> list[str]:
+    _require_root()
+    for name in NAMED_SLOTS:
+        if subprocess.run(["getent", "passwd", name], capture_output=True).returncode != 0:
+            account = ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name]
+            subprocess.run(["useradd", "--system", "--user-group", *account], check=True)
+    return NAMED_SLOTS
+
+
+@pytest.mark.apptainer
+def test_a_container_run_and_its_package_build_run_as_the_slot_too(
+    jail: Callable[..., Layout], python_sif: Path, named_slots: list[str]
+) -> None:
+    lay = jail(executor="singularity", container_image=str(python_sif), slot_users=named_slots)
+    uids = {
+        int(subprocess.run(["id", "-u", n], capture_output=True, text=True).stdout)
+        for n in named_slots
+    }
+    certs = {"CERTS": str(lay.root / "certs")}
+    request = submit_script(lay, CONTAINED, env=certs, requirements=["six==1.16.0"])
+    outcome = run(lay, request)
+    assert (outcome.status, outcome.exit_code) == ("completed", 0), outcome.output_tail
+    said = next(ln for ln in outcome.output_tail.splitlines() if ln.startswith("in the image"))
+    assert int(said.split()[4]) in uids
+    assert said.endswith("CapEff:\t0000000000000000")
+    # --contain binds only the run dir: the certs dir is not even there, and unreadable if it were
+    assert "credential refused: FileNotFoundError" in outcome.output_tail
+    assert "six from /opt/studio-env/six.py" in outcome.output_tail
+    envs = lay.settings().cache_dir / "containers" / "envs"
+    assert all(p.stat().st_uid == 0 for p in envs.iterdir() if p.is_dir())  # taken back
