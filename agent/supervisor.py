@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import IO
 
@@ -61,6 +62,17 @@ class Job:
     thread: threading.Thread | None = None
     grant: Grant | None = None  # CPUs, RAM, disk and GPUs held until settled
     started: float = field(default_factory=time.time)
+
+
+def _close_to_others(queue_root: Path) -> None:
+    """Keep slot users out of the local queues this agent owns: their messages carry storage
+    credentials. Queue folders of other owners (a submitter's ~/.studioml/queue) are theirs."""
+    for folder in [queue_root, *(queue_root.iterdir() if queue_root.is_dir() else ())]:
+        with contextlib.suppress(OSError):
+            info = folder.stat()
+            if folder.is_dir() and info.st_uid == os.getuid() and info.st_mode & 0o007:
+                os.chmod(folder, info.st_mode & 0o770)
+                log.info("%s: closed to other users (experiments run as slot users)", folder)
 
 
 class Supervisor:
@@ -170,6 +182,7 @@ class Supervisor:
             cache.mkdir(parents=True, exist_ok=True)
             for folder in (state, work, cache):
                 os.chmod(folder, 0o711)
+            _close_to_others(self.settings.queue_root)
         else:
             os.chmod(state, 0o700)  # it holds raw messages, and those carry credentials
         handle = (state / "agent.lock").open("ab")

@@ -72,10 +72,15 @@ def _break_if_stale(lock: Path) -> None:
 def enqueue(root: Path, queue: str, body: bytes) -> Path:
     """Write a message the way ``studio run --queue <queue>`` does; return its path."""
     queue_dir = root / queue
-    queue_dir.mkdir(parents=True, exist_ok=True)
+    # Private by default: a message carries its submitter's storage credentials. An agent that
+    # runs experiments under slot identities reads it all the same (CAP_DAC_OVERRIDE).
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    queue_dir.mkdir(mode=0o700, exist_ok=True)
     path = queue_dir / str(uuid.uuid4())
     with queue_lock(queue_dir):
-        path.write_bytes(body)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(body)
     return path
 
 

@@ -74,7 +74,9 @@ attempt("list_conf_d", lambda: os.listdir("/etc/studio-agent/conf.d"))
 attempt("read_conf_d", lambda: open("/etc/studio-agent/conf.d/50-team.yaml").read())
 attempt("read_default_env", lambda: open("/etc/default/studio-agent").read())
 attempt("list_state", lambda: os.listdir("/var/lib/studio-agent"))
-attempt("list_journal", lambda: os.listdir("/var/lib/studio-agent/journal"))
+attempt("list_ledger", lambda: os.listdir("/var/lib/studio-agent/ledger"))
+attempt("list_queue", lambda: os.listdir("/var/lib/studio-agent/queue"))
+attempt("read_status", lambda: open("/var/lib/studio-agent/status.json").read())
 attempt("list_work", lambda: os.listdir("/var/lib/studio-agent/work"))
 attempt("read_agent_environ", lambda: open(f"/proc/{agent}/environ").read())
 attempt("signal_agent", lambda: os.kill(agent, 0))
@@ -85,6 +87,8 @@ attempt("write_venvs", lambda: open("/var/cache/studio-agent/venvs/planted", "w"
 attempt("write_own_env", lambda: open(sys.prefix + "/bin/planted", "w"))
 attempt("write_state", lambda: open("/var/lib/studio-agent/planted", "w"))
 attempt("write_etc", lambda: open("/etc/studio-agent/planted", "w"))
+attempt("write_run_lock", lambda: open("/run/lock/planted", "w"))  # mode 1777 on the host
+attempt("write_var_tmp", lambda: open("/var/tmp/planted", "w"))  # PrivateTmp= too
 attempt("write_tmp", lambda: open("/tmp/mine", "w"))
 mapping = json.load(open(os.environ["STUDIOML_ARTIFACT_MAPPING"]))
 path = os.path.join(mapping["modeldir"], "report.json")
@@ -175,7 +179,9 @@ def test_a_hostile_experiment_under_systemd_reaches_nothing_and_its_results_arri
         "read_conf_d",
         "read_default_env",
         "list_state",
-        "list_journal",
+        "list_ledger",
+        "list_queue",
+        "read_status",
         "list_work",
         "read_agent_environ",
         "neighbour_cwd",
@@ -186,7 +192,9 @@ def test_a_hostile_experiment_under_systemd_reaches_nothing_and_its_results_arri
     ]
     assert {k: report[k] for k in refused} == dict.fromkeys(refused, "EACCES"), report
     assert report["signal_agent"] == report["signal_neighbour"] == "EPERM"
-    assert report["write_etc"] == "EROFS"  # ProtectSystem=strict, for the whole unit
+    assert report["write_etc"] == "EACCES"
+    assert report["write_run_lock"] == "EACCES"  # world-writable on the host; not in the unit
     assert report["write_tmp"] == "allowed"  # the unit's PrivateTmp=, not the host's /tmp
+    assert report["write_var_tmp"] == "allowed"  # likewise private to the unit
     status = json.loads(deployed.run(["cat", f"{STATE}/status.json"]).stdout)
     assert status["protections"]["identity"] == ""
