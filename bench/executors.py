@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -81,8 +82,16 @@ CASES = [
     ),
 ]
 BASELINES = {case.name: case.baseline for case in CASES if case.baseline}
-# Slot users as bare uids: no passwd entries needed on the machine that benchmarks.
-SLOTS = ["61184", "61185"]
+# Slot users with passwd entries (Apptainer looks its user up), the test suite's: made here
+# when missing, as system accounts with no home and no login.
+SLOTS = ["studio-tslot0", "studio-tslot1"]
+
+
+def ensure_slots() -> None:
+    for name in SLOTS:
+        if subprocess.run(["getent", "passwd", name], capture_output=True).returncode != 0:
+            account = ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name]
+            subprocess.run(["useradd", "--system", "--user-group", *account], check=True)
 
 
 def settings_for(work: Path, case: Case, image: Path) -> Settings:
@@ -91,6 +100,7 @@ def settings_for(work: Path, case: Case, image: Path) -> Settings:
         "state_dir": str(work / "state"),
         "cache_dir": str(work / "cache"),
         "certs_dir": str(work / "certs"),
+        "local_storage": [str(work / "store")],  # where one_run's submissions keep artifacts
         "executor": case.executor,
         "container_image": str(image),
         "update_local_db": False,
@@ -213,6 +223,8 @@ def main() -> None:
     # Under /var/tmp and open to pass through: slot users must reach their run dir.
     with tempfile.TemporaryDirectory(prefix="bench-executors-", dir="/var/tmp") as tmp:
         os.chmod(tmp, 0o711)
+        if os.geteuid() == 0:
+            ensure_slots()
         for case in CASES:
             if case.sandboxed and os.geteuid() != 0:
                 print(f"{case.name}: skipped, the sandbox needs root", file=sys.stderr)
