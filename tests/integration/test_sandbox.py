@@ -444,38 +444,25 @@ def test_a_run_left_by_a_killed_agent_is_ended_through_its_cgroup_at_the_next_st
         second.stop()
 
 
+def check_config(config: Path) -> "subprocess.CompletedProcess[str]":
+    argv = [sys.executable, "-m", "agent", "check-config", str(config)]
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
 def test_check_config_says_which_protections_this_host_gives(
     jail: Callable[..., Layout],
 ) -> None:
-    lay = jail()
-    shown = subprocess.run(
-        [sys.executable, "-m", "agent", "check-config", str(lay.config)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    shown = check_config(jail().config).stdout
     for name in ("identity", "memory", "tasks", "cpu", "devices", "tree"):
         assert f"# isolation {name}: enforced" in shown
-    off = jail(isolation="off")
-    shown = subprocess.run(
-        [sys.executable, "-m", "agent", "check-config", str(off.config)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    shown = check_config(jail(isolation="off").config).stdout
     assert "# isolation identity: off: isolation is off in the configuration" in shown
 
 
 def test_isolation_required_refuses_to_start_without_slot_users(
     jail: Callable[..., Layout],
 ) -> None:
-    lay = jail(slot_users=[])  # no studio-slot<N> accounts on this host
-    done = subprocess.run(
-        [sys.executable, "-m", "agent", "check-config", str(lay.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = check_config(jail(slot_users=[]).config)  # no studio-slot<N> accounts here
     assert done.returncode == 78
     assert "isolation is required but not available: identity: no slot users" in done.stderr
 
