@@ -18,13 +18,10 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +29,9 @@ from types import TracebackType
 from typing import BinaryIO, Literal
 
 from agent import childenv
-from agent.errors import ConfigError, EnvironmentFailed, TransientError
+from agent.errors import ConfigError
 from agent.executors.base import Confine, Unconfined
+from agent.executors.installer import run_step
 from agent.executors.pythonenv import Interpreter
 from agent.report import metrics
 from agent.sandbox.identity import chown_tree
@@ -44,27 +42,7 @@ MARKER = ".complete"
 LAST_USED = ".last_used"
 REQUIREMENTS_FILE = ".studio-requirements.txt"
 CONFIG_PIP_FILE = ".studio-config-pip.txt"
-TAIL_LINES = 20
 DEFAULT_INSTALL_TIMEOUT = 3600.0
-# What an installer prints when the network or the index failed, not the request: another
-# try later may work, so the message goes back instead of being acknowledged as failed.
-_TRANSIENT_OUTPUT = (
-    "temporary failure in name resolution",
-    "name or service not known",
-    "failed to establish a new connection",
-    "connection refused",
-    "connection reset",
-    "network is unreachable",
-    "timed out",
-    "read timeout",
-    "dns error",
-    "error sending request",
-    "503 service unavailable",
-    "502 bad gateway",
-    "504 gateway",
-    "500 internal server error",
-    "http status server error",
-)
 
 
 @dataclass(frozen=True)
@@ -340,39 +318,9 @@ class EnvCache:
         return env
 
     def _run_installer(self, step: str, argv: list[str], log: BinaryIO, child: Confine) -> None:
-        """Run one installer step, copying its output to ``log`` and keeping the tail for errors."""
         _say(log, f"$ {' '.join(argv)}")
-        tail: deque[bytes] = deque(maxlen=TAIL_LINES)
-        timed_out = threading.Event()
-        # Its own session, so that killing it also kills the build backends pip and uv start.
-        child.scratch.mkdir(parents=True, exist_ok=True)
-        with subprocess.Popen(
-            child.command(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=self._installer_env(child),
-            cwd=child.scratch,
-            start_new_session=True,
-        ) as proc:
-            timer = threading.Timer(self.install_timeout, _time_out, (proc, timed_out))
-            timer.start()
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    log.write(line)
-                    tail.append(line)
-            except BaseException:
-                _kill_group(proc)
-                raise
-            finally:
-                timer.cancel()
-                log.flush()
-        if proc.returncode != 0:
-            message = _failure_message(step, proc.returncode, tail, timed_out.is_set())
-            if _is_transient(tail):
-                raise TransientError(f"{message}\n(the network or the index failed: try later)")
-            raise EnvironmentFailed(message)
+        run_step(step, child.command(argv), log, self._installer_env(child), child.scratch,
+                 self.install_timeout)  # fmt: skip
 
     def _write_marker(self, env_dir: Path, spec: EnvSpec) -> None:
         record = {
@@ -430,30 +378,7 @@ class EnvCache:
         return True
 
 
-def _time_out(proc: "subprocess.Popen[bytes]", timed_out: threading.Event) -> None:
-    timed_out.set()
-    _kill_group(proc)
-
-
-def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _open_to_runs(env_dir: Path) -> None:
     """Make an env built before runs had slot identities (mode 0700) usable by them."""
     if env_dir.stat().st_mode & 0o005 != 0o005:
         chown_tree(env_dir, os.getuid(), os.getgid(), readable=True)
-
-
-def _is_transient(tail: deque[bytes]) -> bool:
-    text = b"".join(tail).decode(errors="replace").lower()
-    return any(sign in text for sign in _TRANSIENT_OUTPUT)
-
-
-def _failure_message(step: str, code: int, tail: deque[bytes], timed_out: bool) -> str:
-    what = "timed out and was killed" if timed_out else f"failed with exit code {code}"
-    output = b"".join(tail).decode(errors="replace").rstrip()
-    return f"{step} {what}; last lines of its output:\n{output}"
