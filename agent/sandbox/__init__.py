@@ -17,7 +17,14 @@ from pathlib import Path
 from agent.errors import ConfigError
 from agent.sandbox import devices
 from agent.sandbox.cgroups import Hierarchy, Limits, RunCgroup
-from agent.sandbox.identity import Slot, SlotPool, chown_tree, discover_slots, missing_capabilities
+from agent.sandbox.identity import (
+    Slot,
+    SlotPool,
+    chown_tree,
+    discover_slots,
+    kill_all_of,
+    missing_capabilities,
+)
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,8 @@ class Confinement:
         background children)."""
         if self.cgroup is not None:
             self.cgroup.kill(grace)
+        elif self.slot is not None:
+            kill_all_of(self.slot.uid)
 
     def oom_killed(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_killed()
@@ -84,6 +93,7 @@ class Confinement:
             self.cgroup.remove()
         if self.slot is None:
             return
+        kill_all_of(self.slot.uid)  # nothing of this run may outlive it, cgroup or not
         try:
             if owned is not None and owned.exists():
                 chown_tree(owned, os.getuid(), os.getgid())

@@ -11,13 +11,15 @@ its directories, CAP_DAC_OVERRIDE to read back what the run wrote whatever modes
 remove it afterwards, CAP_KILL to stop a run. The child drops them all before it execs.
 """
 
-import grp
+import contextlib
 import os
 import pwd
 import re
 import shutil
+import signal
 import stat
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,17 +134,44 @@ def chown_tree(root: Path, uid: int, gid: int, readable: bool = False) -> None:
 
 
 def _chown_entry(path: Path, uid: int, gid: int, readable: bool) -> None:
+    """Through a descriptor opened without following links, checked to be the entry listed:
+    a path-based chmod would follow a link swapped in since, to a file the agent owns."""
     info = os.lstat(path)
-    os.chown(path, uid, gid, follow_symlinks=False)
-    if stat.S_ISLNK(info.st_mode) or not readable:
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        os.chown(path, uid, gid, follow_symlinks=False)  # links, fifos, sockets: never opened
         return
-    mode = stat.S_IMODE(info.st_mode) & ~0o7022  # no setuid/setgid/sticky, no group/other write
-    mode |= 0o755 if stat.S_ISDIR(info.st_mode) or mode & 0o100 else 0o644
-    os.chmod(path, mode)
-
-
-def group_name(gid: int) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            raise OSError(f"{path} changed while it was being taken back")
+        os.fchown(fd, uid, gid)
+        if readable:
+            mode = stat.S_IMODE(now.st_mode) & ~0o7022  # no set-id or sticky, no g/o write
+            mode |= 0o755 if stat.S_ISDIR(now.st_mode) or mode & 0o100 else 0o644
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def kill_all_of(uid: int, rounds: int = 50) -> None:
+    """SIGKILL every process of ``uid``: where no cgroup holds a run, its slot user is the run
+    (only one run holds a slot at a time), as HTCondor ends a slot without cgroups."""
+    for _ in range(rounds):
+        found = [pid for pid in _pids_of(uid) if pid != os.getpid()]
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+
+
+def _pids_of(uid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    found.append(int(entry.name))
+    return found

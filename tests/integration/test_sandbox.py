@@ -25,7 +25,7 @@ from agent.executors import build_executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.request import Request
 from agent.sandbox import Sandbox
-from agent.sandbox.identity import SETPRIV
+from agent.sandbox.identity import SETPRIV, SlotPool, discover_slots
 from tests.conftest import AgentProcess, Layout, submit_script, wait_until
 from tests.integration.test_experiment import tar_members
 
@@ -318,6 +318,19 @@ def test_the_whole_tree_ends_on_timeout_even_what_left_the_session(
     assert outcome.status == "timeout"
     daemon = int(next(ln for ln in outcome.output_tail.splitlines() if "daemon" in ln).split()[1])
     assert not alive_process(daemon)
+    assert all(not processes_of(int(slot)) for slot in SLOTS)
+
+
+def test_without_a_cgroup_the_slot_user_is_the_run_and_nothing_of_it_survives(
+    jail: Callable[..., Layout],
+) -> None:
+    """A host whose cgroups the agent may not use (nspawn without delegation, say)."""
+    lay = jail(max_runtime="3s")
+    no_cgroup = Sandbox(pool=SlotPool(discover_slots(SLOTS)), problems={"tree": "none here"})
+    outcome = run(lay, submit_script(lay, DAEMON), no_cgroup)
+    assert outcome.status == "timeout"
+    daemon = int(next(ln for ln in outcome.output_tail.splitlines() if "daemon" in ln).split()[1])
+    assert not alive_process(daemon)  # left the session and its parent: ended by its uid
     assert all(not processes_of(int(slot)) for slot in SLOTS)
 
 
