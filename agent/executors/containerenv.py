@@ -12,8 +12,6 @@ keep an env from eviction while a run uses it, LRU eviction by size. Only what a
 changes: a ``--target`` directory instead of a virtualenv.
 """
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +19,9 @@ from typing import BinaryIO
 
 from agent.errors import ConfigError, EnvironmentFailed
 from agent.executors.base import Confine
-from agent.executors.envcache import EnvCache
+from agent.executors.envcache import EnvCache, EnvSpec
 from agent.executors.pythonenv import Interpreter
 
-TARGET_FILE = ".studio-target.json"
 MOUNT = "/opt/studio-env"  # where a run's package directory appears inside the container
 # uv's --python-platform choices for glibc, by the minor version they need (2.17 first).
 _MANYLINUX_MINORS = (17, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40)
@@ -78,22 +75,17 @@ class ContainerEnvCache(EnvCache):
     def _begin(self, interpreter: Interpreter, env_dir: Path) -> None:
         if not isinstance(interpreter, ImagePython):
             raise TypeError("ContainerEnvCache builds for an ImagePython only")
-        target = {
-            "python_version": f"{interpreter.version[0]}.{interpreter.version[1]}",
-            "python_platform": interpreter.platform,
-        }
-        (env_dir / TARGET_FILE).write_text(json.dumps(target))
 
     def _create_venv(
         self, interpreter: Interpreter, env_dir: Path, log: BinaryIO, child: Confine
     ) -> None:
-        pass  # a --target directory needs no venv; _begin wrote its target
+        pass  # a --target directory needs no venv
 
-    def _install(self, env_dir: Path, req_file: Path, log: BinaryIO, child: Confine) -> None:
-        # Never through a link: the build (the request's code) may write this directory.
-        fd = os.open(env_dir / TARGET_FILE, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd) as handle:
-            target = json.load(handle)
+    def _install(
+        self, spec: EnvSpec, env_dir: Path, req_file: Path, log: BinaryIO, child: Confine
+    ) -> None:
+        image = spec.interpreter
+        assert isinstance(image, ImagePython)  # _begin refused any other
         argv = [
             str(self._uv),
             "pip",
@@ -101,9 +93,9 @@ class ContainerEnvCache(EnvCache):
             "--target",
             str(env_dir),
             "--python-version",
-            target["python_version"],
+            f"{image.version[0]}.{image.version[1]}",
             "--python-platform",
-            target["python_platform"],
+            image.platform,
             "-r",
             str(req_file),
         ]

@@ -10,7 +10,10 @@ own path and cannot be moved after the build. Two flock files guard it:
   and reuse. It is a separate file because upgrading the shared lock instead would wait for every
   lease on the env to end, which for a long experiment is hours.
 
-``.complete`` is written last: a directory without it is a crashed build.
+``<hash>.json`` (its marker: what it holds, its size; its mtime is the env's last use) is
+written last, by the agent, beside the env and never in it: the build writes the env as the
+request's own identity, and a marker it could plant would pass a half-built env to another run.
+A directory without one is a crashed build.
 """
 
 import fcntl
@@ -18,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -38,10 +42,8 @@ from agent.sandbox.identity import chown_tree
 
 InstallerChoice = Literal["auto", "uv", "pip"]
 
-MARKER = ".complete"
-LAST_USED = ".last_used"
-REQUIREMENTS_FILE = ".studio-requirements.txt"
-CONFIG_PIP_FILE = ".studio-config-pip.txt"
+REQUIREMENTS_FILE = "requirements.txt"
+CONFIG_PIP_FILE = "config-pip.txt"
 DEFAULT_INSTALL_TIMEOUT = 3600.0
 
 
@@ -152,14 +154,16 @@ def _tree_size(path: Path) -> int:
     return total
 
 
-def _last_used(env_dir: Path) -> float:
-    # A build that died between its marker and its first touch still ages from the marker.
-    stamp = env_dir / LAST_USED
-    return (stamp if stamp.exists() else env_dir / MARKER).stat().st_mtime
+def marker_of(env_dir: Path) -> Path:
+    """The agent's record of a complete env, beside it in the cache root (agent-only)."""
+    return env_dir.with_name(f"{env_dir.name}.json")
 
 
 def _is_complete(env_dir: Path) -> bool:
-    return (env_dir / MARKER).is_file()
+    try:
+        return stat.S_ISREG(os.lstat(marker_of(env_dir)).st_mode) and env_dir.is_dir()
+    except FileNotFoundError:
+        return False
 
 
 class EnvCache:
@@ -184,6 +188,7 @@ class EnvCache:
         self.installer: Literal["uv", "pip"] = "pip" if self._uv is None else "uv"
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # runs under a slot identity reach their env, list nothing
+        self._remove_unfinished()
 
     def acquire(
         self,
@@ -210,7 +215,7 @@ class EnvCache:
                 built = False
             else:
                 built = self._build_once(spec, log, child)
-            (env_dir / LAST_USED).touch()
+            os.utime(marker_of(env_dir))  # its last use, for eviction
         except BaseException:
             os.close(fd)
             raise
@@ -252,10 +257,8 @@ class EnvCache:
             child.give(env_dir)  # the build writes it as the run's identity ...
             self._create_venv(spec.interpreter, env_dir, log, child)
             for path in files.values():
-                self._install(env_dir, path, log, child)
+                self._install(spec, env_dir, path, log, child)
             child.reclaim(env_dir)  # ... then it is the agent's: no run can change it
-            for name, path in files.items():
-                shutil.copyfile(path, env_dir / name)
             self._write_marker(env_dir, spec)
         except BaseException:
             shutil.rmtree(env_dir, ignore_errors=True)
@@ -298,7 +301,9 @@ class EnvCache:
             argv = [str(interpreter.path), "-m", "venv", str(env_dir)]
             self._run_installer("python -m venv", argv, log, child)
 
-    def _install(self, env_dir: Path, req_file: Path, log: BinaryIO, child: Confine) -> None:
+    def _install(
+        self, spec: EnvSpec, env_dir: Path, req_file: Path, log: BinaryIO, child: Confine
+    ) -> None:
         python = str(env_dir / "bin" / "python")
         if self._uv is not None:
             argv = [str(self._uv), "pip", "install", "--python", python, "-r", str(req_file)]
@@ -319,8 +324,9 @@ class EnvCache:
 
     def _run_installer(self, step: str, argv: list[str], log: BinaryIO, child: Confine) -> None:
         _say(log, f"$ {' '.join(argv)}")
-        run_step(step, child.command(argv), log, self._installer_env(child), child.scratch,
-                 self.install_timeout)  # fmt: skip
+        env = self._installer_env(child)
+        command = child.command(argv)
+        run_step(step, command, log, env, child.scratch, self.install_timeout, child.settle)
 
     def _write_marker(self, env_dir: Path, spec: EnvSpec) -> None:
         record = {
@@ -332,23 +338,30 @@ class EnvCache:
             "size_bytes": _tree_size(env_dir),
             "built_at": time.time(),
         }
-        temporary = env_dir / f"{MARKER}.tmp"
+        marker = marker_of(env_dir)
+        temporary = marker.with_name(f".{marker.name}.tmp")
         temporary.write_text(json.dumps(record, indent=1))
-        os.replace(temporary, env_dir / MARKER)
+        os.replace(temporary, marker)
 
     def _complete_envs(self) -> list[tuple[float, str, int]]:
         """(last used, key, recorded size) of every complete env."""
         found = []
-        for entry in self.root.iterdir():
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
+        for marker in self.root.glob("*.json"):
             try:
-                size = int(json.loads((entry / MARKER).read_text())["size_bytes"])
-                used = _last_used(entry)
+                size = int(json.loads(marker.read_text())["size_bytes"])
+                used = marker.stat().st_mtime
             except (OSError, ValueError, KeyError, TypeError):
-                continue  # being built or removed right now
-            found.append((used, entry.name, size))
+                continue  # being removed right now
+            found.append((used, marker.stem, size))
         return found
+
+    def _remove_unfinished(self) -> None:
+        """Drop env dirs no build is working on and no marker vouches for (a build cut by a
+        crash, or a cache from before markers lived beside their envs)."""
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir() or _is_complete(entry):
+                continue
+            self._remove_if_idle(entry.name)
 
     def _evict(self, keep: str) -> None:
         """Drop least recently used idle envs until the recorded sizes fit in ``max_bytes``."""
@@ -369,7 +382,7 @@ class EnvCache:
             return False  # leased or being built
         try:
             # Marker first, so nobody ever takes a half-deleted env for a complete one.
-            (self.root / key / MARKER).unlink(missing_ok=True)
+            marker_of(self.root / key).unlink(missing_ok=True)
             shutil.rmtree(self.root / key, ignore_errors=True)
             (self.root / f"{key}.build").unlink(missing_ok=True)
             lock_path.unlink(missing_ok=True)

@@ -177,7 +177,7 @@ def test_packages_installed_once_and_reused(
     out1 = read_output(lay, first.key)
     assert "six 1.16.0 from /opt/studio-env/six.py" in out1
     assert "building environment" in out1
-    [marker] = (tmp_path / "cache" / "containers" / "envs").glob("*/.complete")
+    [marker] = (tmp_path / "cache" / "containers" / "envs").glob("*.json")
     built = json.loads(marker.read_text())["built_at"]
 
     second = submit_script(lay, SIX, requirements=["six==1.16.0"])

@@ -14,7 +14,7 @@ import pytest
 
 from agent.errors import EnvironmentFailed
 from agent.executors.base import RunContext
-from agent.executors.envcache import MARKER, EnvCache, EnvLease, EnvSpec
+from agent.executors.envcache import EnvCache, EnvLease, EnvSpec, marker_of
 from agent.executors.pythonenv import Interpreter, discover_interpreters
 from agent.executors.venv import VenvExecutor
 from agent.request import Request
@@ -62,15 +62,14 @@ def test_uv_build_is_isolated_and_reused(
     assert first.python == first.path / "bin" / "python"
     assert _imports(first.python, MODULE)
     assert not _imports(sys.executable, MODULE)
-    marker = json.loads((first.path / MARKER).read_text())
+    marker = json.loads(marker_of(first.path).read_text())
     assert marker["requirements"] == [PACKAGE]
     assert marker["size_bytes"] > 0
-    stamp = (first.path / MARKER).stat().st_mtime_ns
 
     second = cache.acquire(interpreter, [PACKAGE], [], log)
     assert second.hit
     assert second.path == first.path
-    assert (first.path / MARKER).stat().st_mtime_ns == stamp
+    assert json.loads(marker_of(first.path).read_text()) == marker  # the same build
     text = _log_text(tmp_path)
     building = f"with uv for Python {interpreter.version_text} (1 packages)"
     assert text.count("studio-agent: building environment") == 1
@@ -163,7 +162,7 @@ def test_unfinished_build_is_removed_and_rebuilt(
 ) -> None:
     cache = EnvCache(tmp_path / "envs", 0, "uv")
     with cache.acquire(interpreter, [PACKAGE], [], log) as lease:
-        (lease.path / MARKER).unlink()  # as if the agent died before the build finished
+        marker_of(lease.path).unlink()  # as if the agent died before the build finished
     with cache.acquire(interpreter, [PACKAGE], [], log) as again:
         assert not again.hit
         assert _imports(again.python, MODULE)
@@ -195,9 +194,9 @@ def test_eviction_drops_the_least_recently_used_first(
     newer = cache.acquire(interpreter, [OTHER_PACKAGE], [], log)
     older.release()
     newer.release()
-    os.utime(older.path / ".last_used", (1_000_000, 1_000_000))
+    os.utime(marker_of(older.path), (1_000_000, 1_000_000))
     sizes = {
-        path.name: json.loads((path / MARKER).read_text())["size_bytes"]
+        path.name: json.loads(marker_of(path).read_text())["size_bytes"]
         for path in (older.path, newer.path)
     }
     # The new, empty env is smaller than either, so dropping one of them is enough: the older.
@@ -289,3 +288,24 @@ def test_installer_options_from_a_request_never_reach_the_installer(
     assert f"config.pip: dropped '-r {secret}': installer options are not accepted" in output
     assert f"dropped '-c {secret}'" in output
     assert f"dropped 'pkg @ {secret}': a local path" in output
+
+
+def test_only_the_agents_marker_beside_an_env_makes_it_complete(
+    tmp_path: Path, interpreter: Interpreter, log: BinaryIO
+) -> None:
+    root = tmp_path / "envs"
+    cache = EnvCache(root, 0, "uv")
+    with cache.acquire(interpreter, [PACKAGE], [], log) as lease:
+        marker = marker_of(lease.path)
+        assert marker.parent == root  # beside the env, where no build may write
+        record = marker.read_text()
+        marker.unlink()
+        # What a build (the request's identity) could plant inside its env passes for nothing.
+        (lease.path / ".complete").write_text(record)
+        (lease.path / f"{lease.path.name}.json").write_text(record)
+    # A new agent finds an env no marker vouches for and no one holds: it removes it at start.
+    EnvCache(root, 0, "uv")
+    assert _env_dirs(root) == set()
+    with cache.acquire(interpreter, [PACKAGE], [], log) as again:
+        assert not again.hit
+        assert _imports(again.python, MODULE)
