@@ -28,6 +28,7 @@ class Confine(Protocol):
     def command(self, argv: Sequence[str]) -> list[str]: ...
     def give(self, path: Path) -> None: ...
     def reclaim(self, path: Path) -> None: ...
+    def settle(self) -> None: ...
 
 
 class Unconfined:
@@ -48,6 +49,9 @@ class Unconfined:
 
     def reclaim(self, path: Path) -> None:
         pass
+
+    def settle(self) -> None:
+        pass  # nothing but the step's own session to end (agent.executors.installer does)
 
 
 def _no_fetch(label: str, folder: Path) -> int:

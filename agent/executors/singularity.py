@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.errors import ConfigError, EnvironmentFailed
+from agent.errors import ConfigError, EnvironmentFailed, TransientError
 from agent.executors.base import Executor, Launch, RunContext
 from agent.executors.containerenv import MOUNT, ContainerEnvCache, ImagePython
 from agent.executors.images import (
@@ -37,6 +37,7 @@ from agent.executors.images import (
     reference_for,
     spython_pull,
 )
+from agent.executors.installer import LastBytes, run_step
 from agent.executors.pythonenv import filter_requirements
 from agent.executors.venv import shell_words
 from agent.settings import Settings
@@ -159,8 +160,9 @@ class SingularityExecutor(Executor):
         os.chmod(root, 0o711)  # runs under a slot identity pass through to images and envs
         self.images = ImageStore(root / "images", self._pull)
         self.envs = ContainerEnvCache(root / "envs", settings.cache_size, settings.pass_env)
-        self._pythons: dict[str, ImagePython | None] = {}
+        self._pythons: dict[str, ImagePython] = {}
         self._pythons_lock = threading.Lock()
+        self._probe_locks: dict[str, threading.Lock] = {}
 
     def _pull(self, uri: str, target: Path, log: BinaryIO) -> None:
         spython_pull(uri, target, log, self.runtime.binary)
@@ -210,12 +212,13 @@ class SingularityExecutor(Executor):
 
     def image_python(self, runtime: Runtime, image: LocalImage, ctx: RunContext) -> ImagePython:
         """The image's python3 (version, libc, machine), probed once per image content."""
-        with self._pythons_lock:
-            if image.digest not in self._pythons:
-                self._pythons[image.digest] = self._probe(runtime, image, ctx)
-            found = self._pythons[image.digest]
-        if found is None:
-            raise EnvironmentFailed(f"image {image.path} has no working python3")
+        with self._pythons_lock:  # one probe per image at a time, other images go on
+            lock = self._probe_locks.setdefault(image.digest, threading.Lock())
+        with lock:
+            found = self._pythons.get(image.digest) or self._probe(runtime, image, ctx)
+            if found is None:  # not remembered: the next request for it probes again
+                raise EnvironmentFailed(f"image {image.path} has no working python3")
+            self._pythons[image.digest] = found
         return found
 
     def _probe(self, runtime: Runtime, image: LocalImage, ctx: RunContext) -> ImagePython | None:
@@ -226,14 +229,11 @@ class SingularityExecutor(Executor):
             argv = [runtime.binary, "exec", *self._base_flags(runtime), str(image.path)]
             # The image is the request's code: it runs confined, as the experiment will.
             try:
-                done = self._run_probe(ctx, argv)
-            except (OSError, subprocess.SubprocessError) as exc:
-                log.warning("python3 probe of %s failed: %s", image.path, exc)
+                output = self._run_probe(ctx, argv)
+            except (OSError, EnvironmentFailed, TransientError) as exc:
+                log.warning("python3 probe of %s failed: %s", image.path, str(exc)[-500:])
                 return None
-            if done.returncode != 0:
-                log.warning("python3 probe of %s failed: %s", image.path, done.stderr[-500:])
-                return None
-            info = _probe_answer(done.stdout)
+            info = _probe_answer(output)
             if info is None:
                 return None
             record.parent.mkdir(parents=True, exist_ok=True)
@@ -241,18 +241,15 @@ class SingularityExecutor(Executor):
         return _image_python(info, image.digest)
 
     @staticmethod
-    def _run_probe(ctx: RunContext, argv: list[str]) -> "subprocess.CompletedProcess[str]":
-        return subprocess.run(
-            ctx.child.command([*argv, "python3", "-c", _PROBE]),
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=PROBE_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            env={"PATH": os.environ.get("PATH", os.defpath), "HOME": str(ctx.scratch)},
-            cwd=ctx.scratch,
+    def _run_probe(ctx: RunContext, argv: list[str]) -> str:
+        """What the image's python3 printed (its last 64 KiB: the image is untrusted)."""
+        output = LastBytes()
+        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(ctx.scratch)}
+        command = ctx.child.command([*argv, "python3", "-c", _PROBE])
+        run_step(
+            "python3 probe", command, output, env, ctx.scratch, PROBE_TIMEOUT, ctx.child.settle
         )
+        return output.kept.decode(errors="replace")
 
     def _base_flags(self, runtime: Runtime) -> list[str]:
         flags = ["--cleanenv", "--contain"]
