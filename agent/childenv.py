@@ -32,6 +32,25 @@ INSTALLER_ENV = (
     "SSL_CERT_FILE",
     "REQUESTS_CA_BUNDLE",
 )
+# What ld.so and glibc take from the environment and ignore in a setuid program (glibc's
+# unsecvars.h): a program that holds the agent's capabilities must never see them from a request,
+# or LD_PRELOAD runs the request's code with those capabilities (see ``split_for_privileged``).
+LOADER_ENV = frozenset(
+    {
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TMPDIR",
+        "TZDIR",
+    }
+)
+LOADER_ENV_PREFIXES = ("LD_", "GLIBC_", "MALLOC_")
 _PERCENT_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 
 
@@ -93,3 +112,17 @@ def gpu_env(uuids: tuple[str, ...]) -> dict[str, str]:
 def expand_percent(value: str, env: Mapping[str, str]) -> str:
     """Expand ``%VAR%`` the way the Go runner does; an unknown variable becomes empty."""
     return _PERCENT_VAR.sub(lambda m: env.get(m.group(1), ""), value)
+
+
+def split_for_privileged(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``env`` as (what a privileged launcher may be started with, what only the child may get).
+
+    The launcher (the cgroup join, setpriv) runs as the agent before the child drops to its slot;
+    the loader's variables are set for the child only after that (agent.sandbox.Confinement).
+    """
+    outer: dict[str, str] = {}
+    inner: dict[str, str] = {}
+    for name, value in env.items():
+        loader = name in LOADER_ENV or name.startswith(LOADER_ENV_PREFIXES)
+        (inner if loader else outer)[name] = value
+    return outer, inner

@@ -57,7 +57,8 @@ class Execution:
         limit: float,
         on_start: Callable[[int], None] = lambda pid: None,
     ) -> Result:
-        proc = process.spawn(self._command(argv), self.ctx.workspace, env, self.ctx.output_file)
+        argv, env = self._launch(argv, env)
+        proc = process.spawn(argv, self.ctx.workspace, env, self.ctx.output_file)
         self.pid = proc.pid
         self._record(proc, self.ctx.home / "process.json")
         on_start(proc.pid)
@@ -67,8 +68,8 @@ class Execution:
             self._stop(proc)  # whatever it left running in the background dies with it
         return Result(status, code, self._detail(status, code, limit))
 
-    def _command(self, argv: list[str]) -> list[str]:
-        return self.confinement.command(argv) if self.confinement is not None else argv
+    def _launch(self, argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        return self.confinement.launch(argv, env) if self.confinement is not None else (argv, env)
 
     def _record(self, proc: "subprocess.Popen[bytes]", path: Path) -> None:
         """Remember the child, so that an agent started after this one was killed ends it."""

@@ -98,6 +98,12 @@ class ExperimentRun:
         self._cancelled.set()
 
     def run(self) -> Outcome:
+        try:
+            return self._run()
+        finally:
+            self._release_confinement()  # whatever failed: never leave a slot or a cgroup behind
+
+    def _run(self) -> Outcome:
         outcome = Outcome(self.request.key, "failed")
         limit = min(self.request.time_limit(time.time()), self.settings.max_runtime)
         if limit <= 0:
@@ -130,9 +136,6 @@ class ExperimentRun:
             outcome.status, outcome.detail = "failed", str(exc)
             self._note(f"experiment failed before it ran: {exc}")
             self._record(f"failed before it ran: {exc}")
-        except BaseException:
-            self._release_confinement()  # a bug: never leave a slot or a cgroup behind
-            raise
         if self.confinement is not None:
             self.confinement.settle(self.settings.kill_grace)  # nothing writes while we upload
         return self._finish(outcome, upload=True)

@@ -9,11 +9,13 @@ ends with it. ``Sandbox`` is made once per agent and says which protections this
 
 import logging
 import os
+import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.childenv import split_for_privileged
 from agent.errors import ConfigError
 from agent.sandbox import devices
 from agent.sandbox.cgroups import Hierarchy, Limits, RunCgroup
@@ -24,6 +26,7 @@ from agent.sandbox.identity import (
     discover_slots,
     kill_all_of,
     missing_capabilities,
+    remove_files_of,
 )
 from agent.settings import Settings
 
@@ -34,6 +37,10 @@ PROTECTIONS = ("identity", "memory", "tasks", "cpu", "devices", "tree")
 # already runs inside them, so nothing it forks can be left outside.
 JOIN = 'for f do case $f in --) shift; break;; esac; echo $$ > "$f" || exit 125; shift; done; '
 JOIN += 'exec "$@"'
+# Writable by every user even under the unit (PrivateTmp= gives the service one /tmp, not one
+# per run): what a run leaves there is removed with it, before its slot is reused.
+SHARED_SCRATCH = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path("/dev/mqueue"))
+ENV = shutil.which("env", path="/usr/bin:/bin") or "/usr/bin/env"
 
 
 @dataclass
@@ -52,6 +59,21 @@ class Confinement:
             return argv
         files = [str(p) for p in self.cgroup.procs_files]
         return ["/bin/sh", "-c", JOIN, "studio-join", *files, "--", *argv]
+
+    def launch(
+        self, argv: Sequence[str], env: Mapping[str, str]
+    ) -> tuple[list[str], dict[str, str]]:
+        """``command`` and its environment for a child whose environment a request chose.
+
+        The join and setpriv run as the agent, with its capabilities, so the loader's variables
+        (LD_PRELOAD and kin) are set only once the child is its slot: by ``env``, after setpriv.
+        """
+        if self.slot is None:
+            return self.command(argv), dict(env)  # no privilege to gain: it is the agent already
+        outer, inner = split_for_privileged(env)
+        if inner:
+            argv = [ENV, "--", *(f"{name}={value}" for name, value in inner.items()), *argv]
+        return self.command(argv), outer
 
     @property
     def home(self) -> Path | None:
@@ -89,11 +111,16 @@ class Confinement:
         """End the run's processes, give ``owned`` (its run dir) back to the agent, so the next
         run with this slot finds nothing of this one, then free the slot and the cgroup."""
         if self.cgroup is not None:
-            self.cgroup.kill(grace)
-            self.cgroup.remove()
+            try:
+                self.cgroup.kill(grace)
+                self.cgroup.remove()
+            except OSError as exc:  # the slot below still ends every process of the run
+                log.error("cgroup of run %s not removed: %s", self.cgroup.run_id, exc)
+            self.cgroup = None
         if self.slot is None:
             return
         kill_all_of(self.slot.uid)  # nothing of this run may outlive it, cgroup or not
+        remove_files_of(self.slot.uid, SHARED_SCRATCH)  # nor anything it left in shared /tmp
         try:
             if owned is not None and owned.exists():
                 chown_tree(owned, os.getuid(), os.getgid())

@@ -175,3 +175,22 @@ def _pids_of(uid: int) -> list[int]:
                 if entry.stat(follow_symlinks=False).st_uid == uid:
                     found.append(int(entry.name))
     return found
+
+
+def remove_files_of(uid: int, folders: Iterable[Path]) -> None:
+    """Remove what ``uid`` owns at the top of each of ``folders`` (a finished run's leftovers)."""
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # not on this host, or not readable: nothing of the run's to find there
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)  # fd-based: a link inside is removed, not followed
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                continue  # gone meanwhile

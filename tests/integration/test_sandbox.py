@@ -530,3 +530,46 @@ def test_a_container_run_and_its_package_build_run_as_the_slot_too(
     assert "six from /opt/studio-env/six.py" in outcome.output_tail
     envs = lay.settings().cache_dir / "containers" / "envs"
     assert all(p.stat().st_uid == 0 for p in envs.iterdir() if p.is_dir())  # taken back
+
+
+LOADER = """
+import json, os
+open("/tmp/studio-leftover-%d" % os.getpid(), "w").write("left")
+os.makedirs("/dev/shm/studio-leftover-%d/deep" % os.getpid())
+seen = {name: os.environ.get(name) for name in ("LD_LIBRARY_PATH", "LD_DEBUG", "TMPDIR", "SEED")}
+print("LOADER " + json.dumps(seen))
+"""
+
+
+def test_the_loaders_variables_of_a_request_reach_only_the_experiment(
+    jail: Callable[..., Layout],
+) -> None:
+    lay = jail()
+    agent_only = lay.root / "agent-only"  # where only the agent (root here) may write
+    agent_only.mkdir(mode=0o700)
+    env = {
+        "LD_DEBUG": "libs",  # ld.so writes its trace to LD_DEBUG_OUTPUT.<pid> as whoever runs
+        "LD_DEBUG_OUTPUT": str(agent_only / "trace"),
+        "LD_LIBRARY_PATH": "/opt/cuda/lib64",
+        "SEED": "7",
+    }
+    request = submit_script(lay, LOADER, env=env)
+    outcome = run(lay, request)
+    assert outcome.status == "completed", outcome.output_tail
+    # Had the launcher (the cgroup join, setpriv: the agent, privileged) seen them, it would
+    # have written its trace here; the experiment, as its slot, cannot.
+    assert list(agent_only.iterdir()) == []
+    line = next(ln for ln in outcome.output_tail.splitlines() if ln.startswith("LOADER "))
+    seen = json.loads(line.removeprefix("LOADER "))
+    assert (seen["LD_LIBRARY_PATH"], seen["LD_DEBUG"], seen["SEED"]) == (
+        "/opt/cuda/lib64",
+        "libs",
+        "7",
+    )
+    assert str(seen["TMPDIR"]).startswith(str(lay.state_dir))
+    # What it left in the shared /tmp and /dev/shm went with it.
+    leftovers = [
+        *Path("/tmp").glob("studio-leftover-*"),
+        *Path("/dev/shm").glob("studio-leftover-*"),
+    ]
+    assert leftovers == []

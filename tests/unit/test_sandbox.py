@@ -212,3 +212,19 @@ def test_a_child_sees_only_the_allow_list_and_its_own_home() -> None:
     for secret in ("AMQP_URL", "SLACK_HOOK", "AWS_SECRET_ACCESS_KEY"):
         assert secret not in confined
         assert secret not in installer
+
+
+def test_the_loaders_variables_reach_the_child_only_after_it_drops_its_privileges() -> None:
+    slot = Slot("61184", 61184, 61184, named=False)
+    env = {"PATH": "/usr/bin", "LD_PRELOAD": "/run/evil.so", "GCONV_PATH": "/x", "SEED": "1"}
+    argv, outer = Confinement(Path("/run/tmp"), slot).launch(["python3"], env)
+    assert outer == {"PATH": "/usr/bin", "SEED": "1"}  # what setpriv, as the agent, starts with
+    dropped = argv.index("--", argv.index("--no-new-privs"))
+    assert Path(argv[dropped + 1]).name == "env"  # run as the slot, it sets the rest
+    assert argv[dropped + 2 :] == ["--", "LD_PRELOAD=/run/evil.so", "GCONV_PATH=/x", "python3"]
+    # Without a slot the child is the agent already: nothing to gain, nothing moved.
+    assert Confinement(Path("/run/tmp")).launch(["python3"], env) == (["python3"], env)
+    assert childenv.split_for_privileged({"MALLOC_CHECK_": "3", "TZ": "UTC"}) == (
+        {"TZ": "UTC"},
+        {"MALLOC_CHECK_": "3"},
+    )
