@@ -120,12 +120,12 @@ def check_config(file: Path | None) -> int:
 
 
 def run_command(settings: Settings, level: str | None, config: Path | None = None) -> int:
-    from agent.credentials import CertsWatcher
     from agent.executors import build_executor
     from agent.log import LevelReload
     from agent.report.metrics import Resources
     from agent.subscriptions import Subscriptions
     from agent.supervisor import Supervisor
+    from agent.watch import FolderWatcher
 
     setup_logging(level or settings.log_level)
     with reporting(settings) as (events, metrics):
@@ -140,7 +140,7 @@ def run_command(settings: Settings, level: str | None, config: Path | None = Non
         subscriptions = Subscriptions(settings, backends, events=events)
         watcher = None
         if settings.certs_dir is not None:
-            watcher = CertsWatcher(settings.certs_dir, lambda: None)
+            watcher = FolderWatcher(settings.certs_dir, lambda: None)
         supervisor = Supervisor(settings, subscriptions, build_executor(settings), watcher)
         if watcher is not None:
             watcher.wake = supervisor.wake

@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import stat
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,71 +158,3 @@ def scan(certs: Path) -> tuple[dict[str, Credential], dict[str, str]]:
                 continue
             found[credential.ident] = credential
     return found, refused
-
-
-class CertsWatcher:
-    """Tells the supervisor when the certs directory may have changed (inotify via watchfiles).
-
-    The supervisor rescans on ``changed``; a rescan is cheap, so events are only a trigger and
-    the periodic rescan covers anything a watch can miss (a directory that appears later, a
-    whole tree swapped at once).
-    """
-
-    def __init__(self, certs: Path, wake: Callable[[], None]):
-        self.certs = certs
-        self.wake = wake
-        self._changed = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="certs-watch", daemon=True)
-
-    def start(self) -> None:
-        self._changed.set()  # the first scan
-        self._thread.start()
-
-    def take_change(self) -> bool:
-        """True (once) when something changed since the last call."""
-        if self._changed.is_set():
-            self._changed.clear()
-            return True
-        return False
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        from watchfiles import watch
-
-        while not self._stop.is_set():
-            if not self.certs.is_dir():
-                self._stop.wait(0.5)
-                continue
-            self._signal()  # it may have just appeared, with files in it
-            try:
-                self._watch_once(watch)
-            except (FileNotFoundError, RuntimeError, OSError) as exc:
-                log.debug("certs watch restarting: %r", exc)
-                self._stop.wait(0.5)
-
-    def _watch_once(self, watch: Callable[..., Any]) -> None:
-        """Signal on every change until the folder goes away or the agent stops."""
-        settled = False
-        for changes in watch(
-            self.certs,
-            stop_event=self._stop,
-            debounce=100,
-            step=50,
-            rust_timeout=500,
-            yield_on_timeout=True,
-            recursive=True,
-        ):
-            # The first (empty) yield means the watch is in place: one more scan covers
-            # anything written between the scan before it and now.
-            if changes or not settled:
-                self._signal()
-            settled = True
-            if not self.certs.is_dir():
-                return
-
-    def _signal(self) -> None:
-        self._changed.set()
-        self.wake()

@@ -33,7 +33,7 @@ from types import FrameType
 from typing import IO
 
 from agent import process
-from agent.credentials import CertsWatcher, scan
+from agent.credentials import scan
 from agent.errors import AgentError, ConfigError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
@@ -49,8 +49,12 @@ from agent.sandbox import Sandbox
 from agent.settings import Settings
 from agent.status import write_status
 from agent.subscriptions import Subscriptions
+from agent.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
+
+# How long the loop sleeps when every backend is pushed work: it is woken for everything else.
+IDLE_TICK = 1.0
 
 
 @dataclass
@@ -81,7 +85,7 @@ class Supervisor:
         settings: Settings,
         subscriptions: Subscriptions,
         executor: Executor,
-        watcher: CertsWatcher | None = None,
+        watcher: FolderWatcher | None = None,
         notifier: Notifier | None = None,
         events: Events | None = None,
         sandbox: Sandbox | None = None,
@@ -155,16 +159,27 @@ class Supervisor:
         self.notifier.watchdog()  # from the loop itself: a hung loop stops the pings
         if self.notifier.enabled:
             self.notifier.status(self.status_text())
+        free = 0 if self._stop_requests else self.settings.max_concurrent - len(self.jobs)
+        for backend in self.subscriptions.everything():
+            backend.wake = self._wake  # set each pass: credential backends come and go
+            backend.capacity(free if backend in self.backends else 0)
         if self._stop_requests:
             if not self._drain_step():
                 return False
-        elif len(self.jobs) < self.settings.max_concurrent:
+        elif free > 0:
             taken = self._receive()
             if taken is not None:
                 self._start(*taken)
                 return True
-        self._sleep(self.settings.poll_interval)
+        self._sleep(self._pause_length())
         return True
+
+    def _pause_length(self) -> float:
+        """Polling backends are asked every poll_interval; pushed ones wake the loop themselves,
+        which then only needs to come round for housekeeping (heartbeats, status, refreshes)."""
+        if any(backend.polls for backend in self.subscriptions.everything()):
+            return self.settings.poll_interval
+        return max(self.settings.poll_interval, IDLE_TICK)
 
     def request_stop(self) -> None:
         self._stop_requests += 1
@@ -250,7 +265,7 @@ class Supervisor:
         if not (changed or hup or now >= self._next_scan):
             return
         self._next_scan = now + 30.0
-        found, refused = scan(self.watcher.certs)
+        found, refused = scan(self.watcher.folder)
         if self.subscriptions.sync(found, refused):
             self._next_status = 0.0  # show the change in status.json at once
 
@@ -292,8 +307,9 @@ class Supervisor:
             os.write(self._wake_w, b"\0")
 
     def _sleep(self, seconds: float) -> None:
-        readable, _, _ = select.select([self._wake_r], [], [], seconds)
-        if readable:
+        sockets = [fd for b in self.subscriptions.everything() if (fd := b.fileno()) is not None]
+        readable, _, _ = select.select([self._wake_r, *sockets], [], [], seconds)
+        if self._wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
 

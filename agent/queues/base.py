@@ -9,7 +9,7 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +128,25 @@ class QueueBackend(ABC):
     def paused(self, queue: str) -> bool:
         until = getattr(self, "_paused", {}).get(queue)
         return until is not None and time.monotonic() < until
+
+    def pause_ended_since(self, moment: float) -> bool:
+        """Whether a queue's pause ran out after ``moment`` (monotonic): look at it again."""
+        now = time.monotonic()
+        return any(moment < until <= now for until in getattr(self, "_paused", {}).values())
+
+    # Whether the supervisor must call ``receive`` every poll_interval to find work. A backend
+    # that is told of work (a consumer's socket in ``fileno``, a watcher calling ``wake``) is not.
+    polls: bool = True
+    # Set by the supervisor: cuts its sleep short, from any thread, when work has arrived.
+    wake: Callable[[], None] = staticmethod(lambda: None)
+
+    def capacity(self, free: int) -> None:  # noqa: B027 - optional hook
+        """How many messages the agent could start now (from the supervisor's loop, each pass).
+        A backend that is pushed work limits what it is sent to this."""
+
+    def fileno(self) -> int | None:
+        """A descriptor that becomes readable when work (or housekeeping) arrives, or None."""
+        return None
 
     @abstractmethod
     def receive(self) -> Delivery | None:

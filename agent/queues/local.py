@@ -6,6 +6,9 @@ Delivery semantics:
   root safely.
 - Oldest mtime first within a queue; queues are served round-robin, and a queue folder created
   while the agent runs is picked up on the next receive.
+- Not polled: an inotify watch on the root (agent.watch) wakes the agent when a message or a
+  queue appears, and only then is the root scanned; a scan every ``RESCAN`` seconds covers what
+  a watch can miss (a root on a network file system, an overflowed event queue).
 - A taken message is *moved* to ``<state>/inflight/<queue>/<name>``, never deleted before ack, so
   a ``kill -9`` loses nothing: ``recover`` puts such messages back at start-up. Requeue restores
   the file under its own name and mtime, so it keeps its place in line.
@@ -27,12 +30,15 @@ from pathlib import Path
 
 from agent.errors import TransientError
 from agent.queues.base import Delivery, QueueBackend, QueueFilter
+from agent.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "lock.lock"
 LOCK_WAIT = 10.0  # seconds; the client holds the lock for one file operation only
 STALE_LOCK = 120.0  # a lock older than this was left by a process that died holding it
+RESCAN = 5.0  # seconds between scans when no change was seen
+WATCH_LATENCY_MS = 10  # how long the watch gathers a burst of changes before it wakes the agent
 
 
 @contextlib.contextmanager
@@ -130,6 +136,7 @@ class LocalDelivery(Delivery):
 
 class LocalQueue(QueueBackend):
     kind = "local"
+    polls = False  # watched: a change wakes the supervisor
 
     def __init__(
         self, root: Path, state_dir: Path, queue_filter: QueueFilter, max_body: int = 64 * 2**20
@@ -141,6 +148,9 @@ class LocalQueue(QueueBackend):
         self.attempts = state_dir / "attempts" / "local"
         self._next = 0
         self.name = f"local:{root}"
+        self._watcher: FolderWatcher | None = None
+        self._more = True  # the last scan took a message: there may be others behind it
+        self._next_scan = 0.0
 
     def served_queues(self) -> list[str]:
         try:
@@ -156,6 +166,8 @@ class LocalQueue(QueueBackend):
         return served
 
     def receive(self) -> Delivery | None:
+        if not self._worth_a_scan():
+            return None
         queues = self.served_queues()
         for offset in range(len(queues)):
             queue = queues[(self._next + offset) % len(queues)]
@@ -164,8 +176,30 @@ class LocalQueue(QueueBackend):
             delivery = self._take_oldest(queue)
             if delivery:
                 self._next = (self._next + offset + 1) % len(queues)
+                self._more = True
                 return delivery
+        self._more = False
         return None
+
+    def _worth_a_scan(self) -> bool:
+        """Whether the root may hold something new: a change seen, more left, or time to look."""
+        if self._watcher is None:
+            # Late-bound: the supervisor sets ``wake`` after the backend is made.
+            self._watcher = FolderWatcher(self.root, lambda: self.wake(), WATCH_LATENCY_MS)
+            self._watcher.start()
+        now, last = time.monotonic(), self._next_scan - RESCAN
+        if self._watcher.take_change() or self._more or self.pause_ended_since(last):
+            self._next_scan = now + RESCAN
+            return True
+        if now >= self._next_scan:
+            self._next_scan = now + RESCAN
+            return True
+        return False
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
 
     def _take_oldest(self, queue: str) -> LocalDelivery | None:
         queue_dir = self.root / queue

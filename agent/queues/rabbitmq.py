@@ -5,9 +5,14 @@ Delivery semantics:
   ``StudioML.topic`` exchange with a ``StudioML.<queue>`` routing key, filtered by the regexes,
   ``*_response`` queues ignored; refreshed every ``refresh`` seconds and after any channel error.
 - One long-lived connection per broker with heartbeats, serviced from the supervisor's tick, so
-  every call (get, ack, publish) happens on the thread that owns the connection.
-- Pulling uses ``basic.get``: the agent takes a message only when it has a free slot, which is
-  prefetch matched exactly to free capacity.
+  every call (consume, ack, publish) happens on the thread that owns the connection; its socket
+  is in the supervisor's select (``fileno``), so a delivery wakes the agent at once.
+- Push, not poll: a consumer (``basic.consume``) on every served queue while the agent has a free
+  slot, under one channel-wide prefetch equal to the free slots (``capacity``), so the broker
+  never hands this agent more than it can start. Taking a delivery lowers the prefetch (or, at
+  none free, cancels the consumers) before the ack that would free its credit; a delivery
+  still unstarted when the slots are gone goes back at once (``basic.nack``). An idle agent
+  costs the broker its heartbeats only.
 - Custody: a message taken is written to the agent's journal (fsync) and then acknowledged to
   the broker. RabbitMQ closes a channel whose delivery stays unacknowledged past
   ``consumer_timeout`` (30 min by default) and hands the message to someone else while the first
@@ -19,6 +24,7 @@ Delivery semantics:
   with exactly the client's flags only when the agent must publish through it.
 """
 
+import functools
 import json
 import logging
 import random
@@ -28,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from base64 import b64encode
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +114,7 @@ class RabbitDelivery(Delivery):
 
 class RabbitQueue(QueueBackend):
     kind = "rabbitmq"
+    polls = False  # pushed: its socket wakes the supervisor
 
     def __init__(
         self,
@@ -130,11 +138,14 @@ class RabbitQueue(QueueBackend):
         self._channel: Any = None
         self._queues: list[str] = []
         self._next_refresh = 0.0
-        self._next = 0
         self._retry_at = 0.0
         self._failures = 0
-        self._returns: list[Entry] = []
-        self._mgmt_down = False  # messages to publish back once the broker takes them
+        self._returns: list[Entry] = []  # messages to publish back once the broker takes them
+        self._mgmt_down = False
+        self._free = 1  # slots the supervisor could fill now (``capacity``)
+        self._prefetch = 0  # the channel's prefetch as last set; 0: none set yet
+        self._consumers: dict[str, str] = {}  # queue -> consumer tag on the open channel
+        self._arrived: deque[tuple[str, Any, Any, bytes]] = deque()  # delivered, not yet taken
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -163,6 +174,8 @@ class RabbitQueue(QueueBackend):
                 self._failures, self.problem = 0, None
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
+            self._channel.add_on_cancel_callback(self._cancelled_by_broker)
+            self._channel_reset()
         except _CONNECTION_ERRORS as exc:
             self._lost(f"cannot connect to {redact_url(self.amqp_url)}: {exc!r}")
             return None
@@ -180,6 +193,7 @@ class RabbitQueue(QueueBackend):
         self._retry_at = time.monotonic() + delay
         log.warning("%s: %s; retrying in %.1fs", self.name, why, delay)
         self._channel = None
+        self._channel_reset()
         if self._connection is not None:
             try:
                 if self._connection.is_open:
@@ -189,19 +203,40 @@ class RabbitQueue(QueueBackend):
         self._connection = None
         self._next_refresh = 0.0
 
-    def tick(self) -> None:
-        """Service heartbeats and refresh the queue list; called from the supervisor's loop."""
+    def _channel_reset(self) -> None:
+        """A new (or no) channel: deliveries and consumers of the old one are void (the broker
+        requeues what it had delivered there)."""
+        self._consumers.clear()
+        self._arrived.clear()
+        self._prefetch = 0
+
+    def fileno(self) -> int | None:
+        """The connection's socket, for the supervisor's select; None when not connected."""
+        impl = getattr(self._connection, "_impl", None)
+        sock = getattr(getattr(impl, "_transport", None), "_sock", None)
+        try:
+            return int(sock.fileno()) if sock is not None else None
+        except (OSError, ValueError):
+            return None
+
+    def _pump(self) -> None:
+        """Heartbeats, deliveries and cancellations that have arrived, without waiting."""
         if self._connection is not None and self._connection.is_open:
             try:
                 self._connection.process_data_events(time_limit=0)
             except _CONNECTION_ERRORS as exc:
                 self._lost(f"connection lost: {exc!r}")
+
+    def tick(self) -> None:
+        """Service heartbeats and refresh the queue list; called from the supervisor's loop."""
+        self._pump()
         if time.monotonic() >= self._next_refresh:
             self._refresh_queues()
         if self._returns and self._ensure_channel() is not None:
             pending, self._returns = self._returns, []
             for entry in pending:
                 self.publish_back(entry)
+        self._subscribe()
 
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:
@@ -248,51 +283,75 @@ class RabbitQueue(QueueBackend):
         skipped = {n: self.filter.why_not(n) for n in names if n not in served}
         self.announce(log, served, self._queues, skipped)
         self._queues = served
+        self._subscribe()
 
     def served_queues(self) -> list[str]:
         return list(self._queues)
 
     # -- taking and returning ------------------------------------------------------------------
 
+    def capacity(self, free: int) -> None:
+        """How many messages the agent could start now: what the broker may deliver to it."""
+        self._free = max(0, free)
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """Prefetch, consumers and unstarted deliveries brought in line with the free slots."""
+        channel = self._channel if self._channel is not None and self._channel.is_open else None
+        if channel is None:
+            return
+        try:
+            while len(self._arrived) > self._free:  # lost the race for a slot: back at once
+                _queue, method, _properties, _body = self._arrived.pop()
+                channel.basic_nack(method.delivery_tag, requeue=True)
+            wanted = [] if self._free == 0 else self._queues
+            for queue in [q for q in self._consumers if q not in wanted or self.paused(q)]:
+                channel.basic_cancel(self._consumers.pop(queue))
+            if wanted and self._prefetch != self._free:
+                # Channel-wide (RabbitMQ's "global"): one limit over every queue's consumer.
+                channel.basic_qos(prefetch_count=self._free, global_qos=True)
+                self._prefetch = self._free
+            for queue in [q for q in wanted if q not in self._consumers and not self.paused(q)]:
+                on_message = functools.partial(self._arrive, queue)
+                self._consumers[queue] = channel.basic_consume(queue, on_message, auto_ack=False)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            log.info("%s: a queue is gone (%s); refreshing the queue list", self.name, exc)
+            self._channel = None
+            self._channel_reset()
+            self._next_refresh = 0.0
+        except _CONNECTION_ERRORS as exc:
+            self._lost(f"subscribing failed: {exc!r}")
+
+    def _arrive(self, queue: str, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._arrived.append((queue, method, properties, body))
+
+    def _cancelled_by_broker(self, frame: Any) -> None:
+        """A queue was deleted under its consumer: forget it, and look again."""
+        tag = getattr(frame.method, "consumer_tag", None)
+        self._consumers = {q: t for q, t in self._consumers.items() if t != tag}
+        self._next_refresh = 0.0
+
     def receive(self) -> Delivery | None:
-        if not self._queues:
-            return None
         channel = self._ensure_channel()
         if channel is None:
             return None
-        for offset in range(len(self._queues)):
-            queue = self._queues[(self._next + offset) % len(self._queues)]
-            if self.paused(queue):
-                continue
-            delivery = self._get(channel, queue)
-            if delivery is not None:
-                self._next = (self._next + offset + 1) % len(self._queues)
-                return delivery
-            if not channel.is_open:
-                return None
-        return None
+        self._pump()
+        if not self._arrived:
+            return None
+        queue, method, properties, body = self._arrived.popleft()
+        # One slot fewer before the ack frees the delivery's credit, or the broker sends another.
+        self._free = max(0, self._free - 1)
+        self._subscribe()
+        if self._channel is not channel or not channel.is_open:
+            return None  # the channel went meanwhile; the broker requeues the delivery
+        return self._take(channel, queue, method, properties, body)
 
-    def _get(self, channel: Any, queue: str) -> RabbitDelivery | None:
-        try:
-            method, properties, body = channel.basic_get(queue, auto_ack=False)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            log.info(
-                "%s: queue %s is gone (%s); refreshing the queue list",
-                self.name,
-                queue,
-                exc.reply_text,
-            )
-            self._channel = None
-            self._next_refresh = 0.0
-            return None
-        except _CONNECTION_ERRORS as exc:
-            self._lost(f"basic.get on {queue} failed: {exc!r}")
-            return None
-        if method is None:
-            return None
+    def _take(
+        self, channel: Any, queue: str, method: Any, properties: Any, body: bytes
+    ) -> RabbitDelivery | None:
         headers = dict(properties.headers or {})
-        earlier = count_from(headers.get(ATTEMPTS_HEADER, 0))
-        attempts = earlier + 1 + (1 if method.redelivered else 0)
+        # Only what a run started counts: a redelivery never ran, since it runs only in custody.
+        attempts = count_from(headers.get(ATTEMPTS_HEADER, 0)) + 1
         meta = {
             "attempts": attempts,
             "content_type": properties.content_type,

@@ -18,6 +18,7 @@ Documented differences, asserted explicitly where they show (``Kit.lease``):
 
 import json
 import re
+import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -91,6 +92,10 @@ class Kit(ABC):
     def remove_queue(self) -> None:  # noqa: B027 - local queues go with tmp_path
         pass
 
+    @abstractmethod
+    def recreate_queue(self) -> None:
+        """The queue again, empty, after ``remove_queue``."""
+
 
 class LocalKit(Kit):
     kind, prefix = "local", "local"
@@ -108,6 +113,12 @@ class LocalKit(Kit):
     def depth(self) -> int:
         folder = self.root / self.name
         return sum(1 for p in folder.iterdir() if p.name != LOCK_NAME) if folder.is_dir() else 0
+
+    def remove_queue(self) -> None:
+        shutil.rmtree(self.root / self.name, ignore_errors=True)
+
+    def recreate_queue(self) -> None:
+        (self.root / self.name).mkdir(parents=True, exist_ok=True)
 
 
 class RabbitKit(Kit):
@@ -137,6 +148,9 @@ class RabbitKit(Kit):
 
     def remove_queue(self) -> None:
         self.broker.delete_queue(self.name)
+
+    def recreate_queue(self) -> None:
+        declare(self.broker, self.name)
 
 
 class SqsKit(Kit):
@@ -173,6 +187,12 @@ class SqsKit(Kit):
 
     def remove_queue(self) -> None:
         self.admin.delete_queue(QueueUrl=self.url)
+
+    def recreate_queue(self) -> None:
+        self.url = str(self.admin.create_queue(QueueName=self.name)["QueueUrl"])
+
+    def close(self) -> None:
+        super().close()
         self.admin.close()
 
 
@@ -204,6 +224,11 @@ class PubSubKit(Kit):
     def remove_queue(self) -> None:
         self.emulator.subscriber.delete_subscription(subscription=self.subscription)
         self.emulator.publisher.delete_topic(topic=self.emulator.topic(self.name))
+
+    def recreate_queue(self) -> None:
+        self.subscription = self.emulator.create_topic_and_subscription(
+            self.name, ack_deadline=LEASE
+        )
 
 
 def make_kit(kind: str, request: pytest.FixtureRequest, state_dir: Path) -> Kit:
@@ -242,6 +267,7 @@ def receive_within(backend: QueueBackend, seconds: float) -> Delivery | None:
     """The supervisor's loop with a free slot (tick, then receive) until a delivery or timeout."""
     deadline = time.monotonic() + seconds
     while True:
+        backend.capacity(1)
         backend.tick()
         delivery = backend.receive()
         if delivery is not None or time.monotonic() >= deadline:
@@ -274,7 +300,9 @@ def hold_for(kit: Kit, other: QueueBackend, seconds: float) -> None:
     """The first agent only ticks (its slot is busy) while another agent polls for work."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        kit.backend.capacity(0)
         kit.backend.tick()
+        other.capacity(1)
         other.tick()
         delivery = other.receive()
         assert delivery is None, f"a second agent got {delivery.message_id!r} while it was held"
@@ -363,3 +391,57 @@ def test_work_returned_at_shutdown_goes_to_the_next_agent(backend_kit: Kit, tmp_
     again = take(restarted, PROMPT)  # before any lease could have lapsed
     assert (again.body, again.queue, again.delivery_count) == (body, kit.queue, 2)
     again.ack()
+
+
+def test_n_free_slots_never_hold_more_than_n_messages(backend_kit: Kit, tmp_path: Path) -> None:
+    kit = backend_kit
+    for _ in range(5):
+        kit.put(request_body(tmp_path, kit.name))
+    held: list[Delivery] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        kit.backend.capacity(2 - len(held))  # the supervisor's count of free slots, each pass
+        kit.backend.tick()
+        if len(held) < 2 and (delivery := kit.backend.receive()) is not None:
+            held.append(delivery)
+        time.sleep(POLL)
+    assert len(held) == 2
+    # Nothing more was taken, delivered or leased meanwhile: the other three wait in the queue.
+    assert kit.depth() in (3, None)
+    other = kit.new_backend(tmp_path / "other-agent")
+    others = [take(other) for _ in range(3)]
+    assert len({d.body for d in held + others}) == 5
+    for delivery in held + others:
+        delivery.ack()
+
+
+def test_a_message_pushed_when_no_slot_is_free_goes_back_at_once(
+    backend_kit: Kit, tmp_path: Path
+) -> None:
+    kit = backend_kit
+    body = request_body(tmp_path, kit.name)
+    kit.backend.capacity(1)  # a free slot: a pushed backend may be delivered the message now
+    kit.backend.tick()
+    kit.put(body)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # delivered into the agent, not yet taken by the loop
+        kit.backend.tick()
+        time.sleep(POLL)
+    kit.backend.capacity(0)  # then the slot went to another queue's message
+    kit.backend.tick()
+    other = kit.new_backend(tmp_path / "other-agent")
+    again = take(other, PROMPT)  # given back, not held by an agent that cannot start it
+    assert (again.body, again.delivery_count) == (body, 1)  # and not counted as an attempt
+    again.ack()
+
+
+def test_a_queue_deleted_under_the_agent_is_survived(backend_kit: Kit, tmp_path: Path) -> None:
+    kit = backend_kit
+    kit.put(request_body(tmp_path, kit.name))
+    take(kit.backend).ack()
+    kit.remove_queue()  # the broker cancels its consumer, or the listing loses it
+    assert_nothing(kit.backend, 1.0)
+    kit.recreate_queue()
+    body = request_body(tmp_path, kit.name)
+    kit.put(body)
+    assert take(kit.backend, 10).body == body

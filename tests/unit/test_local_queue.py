@@ -1,11 +1,12 @@
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from agent.queues.base import QueueFilter
+from agent.queues.base import Delivery, QueueFilter
 from agent.queues.local import LOCK_NAME, LocalQueue, enqueue, queue_lock
 
 ANY = QueueFilter(r"^local_")
@@ -43,11 +44,39 @@ def test_queue_names_filtered_and_new_folders_found(tmp_path: Path) -> None:
     put(tmp_path, "local_private", b"x")
     put(tmp_path, "local_x_response", b"x")
     assert queue.receive() is None
+    woken = threading.Event()
+    queue.wake = woken.set
     put(tmp_path, "local_new", b"hello")
-    delivery = queue.receive()
-    assert delivery is not None
+    assert woken.wait(10), "the watch on the root did not wake the agent"
+    delivery = wait_for(queue.receive)
     assert (delivery.queue, delivery.body) == ("local_new", b"hello")
     assert queue.served_queues() == ["local_new"]
+    queue.close()
+
+
+def wait_for(receive: Callable[[], Delivery | None], seconds: float = 10.0) -> Delivery:
+    """The supervisor's loop after a wake: the watch's event may be a burst still settling."""
+    deadline = time.monotonic() + seconds
+    while (delivery := receive()) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert delivery is not None
+    return delivery
+
+
+def test_an_idle_queue_is_not_scanned_until_something_changes(tmp_path: Path) -> None:
+    put(tmp_path, "local_a", b"first")
+    queue = backend(tmp_path)
+    wait_for(queue.receive).ack()
+    assert queue.receive() is None  # found empty: now only a change makes it look again
+    scans = []
+    queue.served_queues = lambda: scans.append(1) or []  # type: ignore[method-assign]
+    for _ in range(20):
+        assert queue.receive() is None
+    assert scans == []
+    del queue.served_queues
+    put(tmp_path, "local_a", b"second")
+    assert wait_for(queue.receive).body == b"second"
+    queue.close()
 
 
 def test_requeue_puts_the_same_file_back_in_its_place(tmp_path: Path) -> None:
