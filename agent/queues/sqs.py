@@ -3,11 +3,12 @@
 Delivery semantics:
 - Queues are found with ``ListQueues`` (paginated), named by the last segment of their URL,
   filtered by the regexes, and refreshed every ``refresh`` seconds.
-- ``receive`` polls one served queue per call, round-robin, waiting ``wait_time`` seconds (0 by
-  default: a wait blocks the supervisor's loop, and with it signals, settling and every other
-  backend). A queue found empty is not asked again for ``idle_poll`` seconds, which bounds the
-  requests (AWS bills per request) at about one a second per idle queue while a message still
-  starts within about a second.
+- Long polls (``wait_time``, 1..20 s, 20 by default) from receiver threads, as many as the agent
+  has free slots and none while it has none (agent.queues.sqs_receiver): an idle queue costs about
+  3 requests a minute (AWS bills per request), a message starts as soon as SQS hands it out, and
+  the supervisor's loop never waits on SQS for one. ``receive`` takes what they received. A message
+  a poll brought in after its slot went elsewhere goes back at once (``ChangeMessageVisibility``
+  0), and this agent does not count that hand-out if it gets the message again.
 - Lease: a message received is invisible for ``visibility`` seconds, renewed from the tick when
   half of that has passed. A failed renewal or settlement is retried every second and logged
   once. A killed agent just stops renewing: its messages reappear within ``visibility`` seconds.
@@ -30,120 +31,34 @@ Delivery semantics:
 
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
-from botocore import exceptions as boto
-from botocore.config import Config
-
-from agent import __version__
 from agent.errors import ConfigError
-from agent.queues.base import Delivery, QueueBackend, QueueFilter, count_from
+from agent.queues.base import Delivery, QueueBackend, QueueFilter
 from agent.queues.journal import Entry, Journal
+from agent.queues.sqs_calls import RETRY as _RETRY
+from agent.queues.sqs_calls import Failed as _Failure
+from agent.queues.sqs_calls import call, new_client
+from agent.queues.sqs_delivery import ATTEMPTS_ATTRIBUTE, SqsDelivery
+from agent.queues.sqs_receiver import Received, Receiver
 from agent.report import metrics
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS_ATTRIBUTE = "studio-agent-attempts"
 SQS_CAP = 12 * 3600  # the most a message can stay invisible after a receive
 BACKOFF_MAX = 60.0
 RETRY_GAP = 1.0  # seconds between tries of a failed renewal or settlement of one message
-_CREDENTIALS = {"InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException",
-                "InvalidAccessKeyId", "ExpiredToken", "IncompleteSignature"}  # fmt: skip
-_DENIED = {"AccessDenied", "AccessDeniedException"}
-_QUEUE_GONE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
-_HANDLE_GONE = {"ReceiptHandleIsInvalid", "MessageNotInflight"}
-_THROTTLED = {"Throttling", "ThrottlingException", "RequestThrottled", "OverLimit"}
-_RETRY = {"credentials", "denied", "transient"}  # failure kinds that a later try may cure
 T = TypeVar("T")
-
-
-class _Failure(Exception):
-    """An SQS call failed: ``kind`` is one of _RETRY, queue_gone, handle_gone, cap, refused."""
-
-    def __init__(self, kind: str, text: str):
-        super().__init__(text)
-        self.kind, self.text = kind, text
-
-
-def _classify(exc: Exception) -> tuple[str, str]:
-    if isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError):
-        return "credentials", str(exc)
-    if not isinstance(exc, boto.ClientError):
-        return "transient", f"{type(exc).__name__}: {exc}"
-    error = exc.response.get("Error", {})
-    code, message = str(error.get("Code", "")), str(error.get("Message", ""))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-    # moto (and some proxies) answer the JSON protocol with an XML error document.
-    inner = re.search(r"<Code>([^<]+)</Code>(?:.*?<Message>([^<]*)</Message>)?", message, re.S)
-    if inner:
-        code, message = inner.group(1), inner.group(2) or ""
-    text = f"{code}: {message}".rstrip(": ")
-    if code in _DENIED:
-        return "denied", text
-    if code in _CREDENTIALS or status in (401, 403):
-        return "credentials", text
-    if code in _QUEUE_GONE or code in _HANDLE_GONE:
-        return "queue_gone" if code in _QUEUE_GONE else "handle_gone", text
-    if code == "InvalidParameterValue" and "VisibilityTimeout" in message:
-        return "cap", text  # SQS counted the 12 h from earlier than we did
-    if status >= 500 or status == 429 or code in _THROTTLED:
-        return "transient", text
-    return "refused", text
-
-
-def _int(value: object, default: int) -> int:
-    return count_from(value) or default
-
-
-class SqsDelivery(Delivery):
-    backend = "sqs"
-
-    def __init__(self, owner: "SqsQueue", queue: str, url: str, message: dict[str, Any]):
-        self._owner, self.queue, self.url = owner, queue, url
-        self.message_id = str(message["MessageId"])
-        self.receipt = str(message["ReceiptHandle"])
-        self.body = str(message["Body"]).encode()
-        given = message.get("MessageAttributes") or {}
-        # Kept across custody: String and Number attributes (StudioML sets none).
-        self.attributes = {
-            k: {"DataType": v["DataType"], "StringValue": v["StringValue"]}
-            for k, v in given.items()
-            if k != ATTEMPTS_ATTRIBUTE and "StringValue" in v
-        }
-        system = message.get("Attributes") or {}
-        self.group_id = system.get("MessageGroupId")  # FIFO queues need it to send back
-        earlier = _int(given.get(ATTEMPTS_ATTRIBUTE, {}).get("StringValue"), 0)
-        self.delivery_count = _int(system.get("ApproximateReceiveCount"), 1) + earlier
-        self.received_at = self.extended_at = time.monotonic()
-        self.entry: Entry | None = None  # set once in the agent's custody
-        self.in_sqs = True  # SQS still holds it under our receipt handle
-        self.pending: str | None = None  # "ack" or "return", until SQS has done it
-        self.next_try = 0.0
-        self.complained = False
-
-    def ack(self) -> None:
-        self._owner.settle(self, "ack")
-
-    def requeue(self) -> None:
-        self._owner.settle(self, "return")
-
-    def extend_lease(self, seconds: float) -> None:
-        """The tick renews leases by itself; this asks for ``seconds`` at once (best effort)."""
-        self._owner.extend(self, seconds)
-
-    def custody_meta(self) -> dict[str, Any]:
-        names = ("url", "message_id", "delivery_count", "attributes", "group_id")
-        return {name: getattr(self, name) for name in names}
+UNSTARTED_MEMORY = 10_000  # message ids whose unstarted return this agent remembers
 
 
 class SqsQueue(QueueBackend):
     kind = "sqs"
+    polls = False  # its receiver threads wake the supervisor
 
     def __init__(
         self,
@@ -159,19 +74,16 @@ class SqsQueue(QueueBackend):
         refresh: float = 30.0,
         visibility: float = 60.0,
         max_invisible: float = 11.5 * 3600,
-        wait_time: int = 0,
-        idle_poll: float = 1.0,
+        wait_time: int = 20,
     ):
-        if not 0 <= wait_time <= 20:
-            raise ConfigError(f"sqs {name}: wait_time {wait_time} is outside SQS's 0..20 s")
+        if not 1 <= wait_time <= 20:
+            raise ConfigError(f"sqs {name}: wait_time {wait_time} is outside SQS's 1..20 s")
         if visibility < 2 or max_invisible + visibility >= SQS_CAP:
             raise ConfigError(f"sqs {name}: visibility + max_invisible must stay below 12 h")
         self.name, self.region, self.endpoint_url = name, region, endpoint_url
         self._keys = (access_key, secret_key, session_token)
         self.filter, self.refresh, self.wait_time = queue_filter, refresh, wait_time
         self.visibility, self.max_invisible = visibility, max_invisible
-        self.idle_poll = idle_poll
-        self._quiet_until: dict[str, float] = {}  # queue -> when an empty queue is asked again
         self.journal = Journal(state_dir / "inflight" / "sqs" / name)
         self._client: Any = None  # a botocore SQS client (no SQS stubs among the dev tools)
         self._queues: dict[str, str] = {}  # served name -> URL
@@ -181,38 +93,34 @@ class SqsQueue(QueueBackend):
         self._outage: str | None = None  # the failure kind already logged; None when healthy
         self._held: dict[str, SqsDelivery] = {}  # by receipt handle, until settled in SQS
         self._returns: list[Entry] = []  # journal entries SQS could not take back yet
+        self._unstarted: dict[str, int] = {}  # message id -> hand-outs given back unstarted
+        self._told = False  # whether the supervisor has said how many slots are free
+        self._receiver = Receiver(
+            self._poll,
+            self._new_client,
+            lambda: self._queues,
+            lambda queue: not self.paused(queue) and queue not in self._denied,
+            lambda: self.wake(),
+            wait_time,
+        )
 
     # -- calls and failures ----------------------------------------------------------------------
 
+    def _new_client(self) -> Any:
+        """A client of its own (the loop's, or one receiver thread's)."""
+        return new_client(self.region, self.endpoint_url, self._keys, self.wait_time + 10)
+
     def _sqs(self) -> Any:
         if self._client is None:
-            config = Config(
-                # No retries inside a call: it would block the loop; the tick retries instead.
-                retries={"total_max_attempts": 1, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=self.wait_time + 10,
-                user_agent_extra=f"studio-agent/{__version__}",
-            )
-            self._client = boto3.session.Session().client(
-                "sqs",
-                region_name=self.region,
-                endpoint_url=self.endpoint_url,
-                aws_access_key_id=self._keys[0],
-                aws_secret_access_key=self._keys[1],
-                aws_session_token=self._keys[2],
-                config=config,
-            )
+            self._client = self._new_client()
         return self._client
 
+    def _request(self, client: Any, request: Callable[[Any], T]) -> T:
+        return call(client, request, self._keys[1])
+
     def _call(self, request: Callable[[Any], T]) -> T:
-        """``request(client)``, with botocore's errors turned into ``_Failure``."""
-        try:
-            result = request(self._sqs())
-        except (boto.ClientError, boto.BotoCoreError, ValueError) as exc:
-            kind, text = _classify(exc)
-            if self._keys[1]:  # botocore never puts the secret in a message; make sure
-                text = text.replace(self._keys[1], "***")
-            raise _Failure(kind, text) from exc
+        """``request`` on the loop's client; a success ends an outage."""
+        result = self._request(self._sqs(), request)
         if self._outage is not None:
             log.info("%s: SQS answers again", self.name)
         self._outage, self._failures = None, 0
@@ -258,48 +166,75 @@ class SqsQueue(QueueBackend):
 
     # -- taking ----------------------------------------------------------------------------------
 
+    def capacity(self, free: int) -> None:
+        self._told = True
+        for received in self._receiver.excess(free):
+            self._give_back_unstarted(received)
+        self._receiver.capacity(free)
+
     def receive(self) -> Delivery | None:
+        if not self._told:
+            self.capacity(1)  # until the supervisor says otherwise: one free slot
+        self._housekeep()
+        received = self._receiver.take()
+        while received is not None and self.paused(received.queue):
+            self._give_back_unstarted(received)  # polled before the pause began
+            received = self._receiver.take()
+        if received is None:
+            return None
+        self._receiver.capacity(self._receiver.target - 1)  # its slot is taken now
+        delivery = SqsDelivery(self, received.queue, received.url, received.message, received.at)
+        excused = self._unstarted.pop(delivery.message_id, 0)
+        delivery.delivery_count = max(1, delivery.delivery_count - excused)
+        self._denied.discard(delivery.queue)
+        self._held[delivery.receipt] = delivery
+        return delivery
+
+    def _housekeep(self) -> None:
+        """The receivers' failures logged, and the queue list refreshed when it is due."""
+        while self._receiver.failures:
+            self._receive_failed(*self._receiver.failures.popleft())
         if time.monotonic() >= max(self._next_refresh, self._retry_at):
             self._refresh_queues()
-        if time.monotonic() < self._retry_at:
-            return None
-        names = list(self._queues)
-        for offset in range(len(names)):
-            queue = names[(self._next + offset) % len(names)]
-            if not self.paused(queue) and time.monotonic() >= self._quiet_until.get(queue, 0.0):
-                # One queue per call: a call blocks the loop for one long poll at most.
-                self._next = (self._next + offset + 1) % len(names)
-                return self._receive_from(queue)
-        return None
 
-    def _receive_from(self, queue: str) -> SqsDelivery | None:
-        url = self._queues[queue]
+    def _poll(self, client: Any, url: str, wait: int) -> list[dict[str, Any]]:
+        """One long poll, on a receiver thread with its own client."""
+        reply = self._request(
+            client,
+            lambda c: c.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=1,
+                WaitTimeSeconds=wait,
+                VisibilityTimeout=int(self.visibility),
+                AttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
+                MessageAttributeNames=["All"],
+            ),
+        )
+        messages = reply.get("Messages") or []
+        return [m for m in messages if isinstance(m, dict)]
+
+    def _give_back_unstarted(self, received: Received) -> None:
+        """A message received with no slot left for it: visible again at once, and its
+        hand-out not counted if it comes back to this agent."""
+        message_id = str(received.message.get("MessageId", ""))
+        if len(self._unstarted) >= UNSTARTED_MEMORY:
+            self._unstarted.clear()
+        self._unstarted[message_id] = self._unstarted.get(message_id, 0) + 1
+        receipt = received.message.get("ReceiptHandle")
         try:
-            reply = self._call(
-                lambda c: c.receive_message(
-                    QueueUrl=url,
-                    MaxNumberOfMessages=1,
-                    WaitTimeSeconds=self.wait_time,
-                    VisibilityTimeout=int(self.visibility),
-                    AttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
-                    MessageAttributeNames=["All"],
+            self._call(
+                lambda c: c.change_message_visibility(
+                    QueueUrl=received.url, ReceiptHandle=receipt, VisibilityTimeout=0
                 )
             )
         except _Failure as failure:
-            self._receive_failed(queue, failure)
-            return None
-        self._denied.discard(queue)
-        if not reply.get("Messages"):
-            self._quiet_until[queue] = time.monotonic() + self.idle_poll
-            return None
-        delivery = SqsDelivery(self, queue, url, reply["Messages"][0])
-        self._held[delivery.receipt] = delivery
-        return delivery
+            why = f"back when its lease lapses ({failure.text})"
+            log.warning("%s: unstarted message %s comes %s", self.name, message_id, why)
 
     def _receive_failed(self, queue: str, failure: _Failure) -> None:
         if failure.kind == "queue_gone":
             log.info("%s: queue %s is gone; refreshing the queue list", self.name, queue)
-            self._queues.pop(queue, None)
+            self._queues = {n: u for n, u in self._queues.items() if n != queue}
             self._next_refresh = 0.0
         elif failure.kind == "denied":
             # Listing worked: this credential lacks rights on this queue only.
@@ -321,8 +256,7 @@ class SqsQueue(QueueBackend):
         if self._returns and now >= self._retry_at:
             pending, self._returns = self._returns, []
             self._send_all(pending)
-        if now >= max(self._next_refresh, self._retry_at):
-            self._refresh_queues()
+        self._housekeep()
 
     def settle(self, delivery: SqsDelivery, how: str) -> None:
         """The supervisor's ack ("ack") or requeue ("return"); SQS trouble never raises."""
@@ -456,6 +390,8 @@ class SqsQueue(QueueBackend):
         return self._send_all(list(self.journal.entries()))
 
     def close(self) -> None:
+        for received in self._receiver.stop():
+            self._give_back_unstarted(received)
         for d in self._held.values():
             if d.pending is not None:  # settled by the supervisor, not yet done in SQS
                 log.warning("%s: closing before the %s of %s", self.name, d.pending, d.message_id)

