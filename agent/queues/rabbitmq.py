@@ -4,6 +4,8 @@ Delivery semantics:
 - Queues are found through the management API (``/api/bindings/<vhost>``): bindings from the
   ``StudioML.topic`` exchange with a ``StudioML.<queue>`` routing key, filtered by the regexes,
   ``*_response`` queues ignored; refreshed every ``refresh`` seconds and after any channel error.
+  Where the broker runs the event exchange plugin (``rabbitmq_event_exchange``), a new binding
+  or a deleted queue makes the agent look again within a second instead of at the next refresh.
 - One long-lived connection per broker with heartbeats, serviced from the supervisor's tick, so
   every call (consume, ack, publish) happens on the thread that owns the connection; its socket
   is in the supervisor's select (``fileno``), so a delivery wakes the agent at once.
@@ -25,7 +27,6 @@ Delivery semantics:
 """
 
 import functools
-import json
 import logging
 import random
 import ssl
@@ -33,7 +34,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from base64 import b64encode
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -43,55 +43,21 @@ import pika.exceptions
 
 from agent.queues.base import Delivery, QueueBackend, QueueFilter, count_from
 from agent.queues.journal import Entry, Journal
+from agent.queues.rabbitmq_discovery import (
+    fetch_bindings,
+    listen_for_events,
+    management_url,
+    redact_url,
+    studioml_queues,
+)
 from agent.report import metrics
 
 log = logging.getLogger(__name__)
 
-EXCHANGE = "StudioML.topic"
-ROUTING_PREFIX = "StudioML."
+EVENT_REFRESH_GAP = 1.0  # seconds: a burst of events costs one listing
 ATTEMPTS_HEADER = "x-studio-agent-attempts"
 BACKOFF_MAX = 60.0
 _CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
-
-
-def _host_port(parts: urllib.parse.SplitResult) -> str:
-    """``host[:port]`` as the URL spells it (an IPv6 address keeps its brackets), no user info."""
-    return parts.netloc.rpartition("@")[2]
-
-
-def management_url(amqp_url: str) -> str:
-    """The Go runner's rule: same host and credentials, port + 10000, https for amqps."""
-    parts = urllib.parse.urlsplit(amqp_url)
-    scheme = "https" if parts.scheme == "amqps" else "http"
-    port = (parts.port or (5671 if parts.scheme == "amqps" else 5672)) + 10000
-    # Still percent-encoded, as in the AMQP URL: bindings_request decodes them.
-    userinfo = f"{parts.username or 'guest'}:{parts.password or 'guest'}@"
-    host = parts.hostname or "localhost"  # pika's default
-    return f"{scheme}://{userinfo}{f'[{host}]' if ':' in host else host}:{port}"
-
-
-def redact_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{_host_port(parts)}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def bindings_request(mgmt_url: str, vhost: str) -> urllib.request.Request:
-    """``GET /api/bindings/<vhost>``, the URL's user info sent as Basic auth instead.
-
-    User and password are percent-decoded, as pika decodes the AMQP URL's: a password with
-    ``@``, ``:`` or ``/`` must be written encoded in the URL, and must reach both APIs the same.
-    """
-    parts = urllib.parse.urlsplit(mgmt_url)
-    base = f"{parts.scheme}://{_host_port(parts)}{parts.path.rstrip('/')}"
-    request = urllib.request.Request(f"{base}/api/bindings/{urllib.parse.quote(vhost, safe='')}")
-    user = urllib.parse.unquote(parts.username or "guest")
-    password = urllib.parse.unquote(parts.password or "guest")
-    token = b64encode(f"{user}:{password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    return request
 
 
 class RabbitDelivery(Delivery):
@@ -146,6 +112,8 @@ class RabbitQueue(QueueBackend):
         self._prefetch = 0  # the channel's prefetch as last set; 0: none set yet
         self._consumers: dict[str, str] = {}  # queue -> consumer tag on the open channel
         self._arrived: deque[tuple[str, Any, Any, bytes]] = deque()  # delivered, not yet taken
+        self._events_said = False  # whether "no event exchange" was logged
+        self._last_refresh = 0.0
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -176,6 +144,7 @@ class RabbitQueue(QueueBackend):
             self._channel.confirm_delivery()
             self._channel.add_on_cancel_callback(self._cancelled_by_broker)
             self._channel_reset()
+            self._listen_for_events(self._connection)
         except _CONNECTION_ERRORS as exc:
             self._lost(f"cannot connect to {redact_url(self.amqp_url)}: {exc!r}")
             return None
@@ -248,19 +217,26 @@ class RabbitQueue(QueueBackend):
 
     # -- discovery -----------------------------------------------------------------------------
 
-    def _bindings(self) -> list[dict[str, Any]]:
-        request = bindings_request(self.mgmt_url, self.vhost)
-        context = None
-        if request.type == "https":
-            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:
-            data = json.loads(response.read())
-        return data if isinstance(data, list) else []
+    def _listen_for_events(self, connection: pika.BlockingConnection) -> None:
+        why = listen_for_events(connection, self._on_event)
+        if why and not self._events_said:
+            log.info(
+                "%s: no event exchange on the broker (%s): new queues are found at the next "
+                "refresh (every %.0fs)",
+                self.name,
+                why,
+                self.refresh,
+            )
+            self._events_said = True
+
+    def _on_event(self, _channel: Any, _method: Any, _properties: Any, _body: bytes) -> None:
+        self._next_refresh = min(self._next_refresh, self._last_refresh + EVENT_REFRESH_GAP)
 
     def _refresh_queues(self) -> None:
+        self._last_refresh = time.monotonic()
         self._next_refresh = time.monotonic() + self.refresh
         try:
-            bindings = self._bindings()
+            bindings = fetch_bindings(self.mgmt_url, self.vhost, self.ca_file)
         except (OSError, ValueError, urllib.error.URLError) as exc:
             # Once per outage: the refresh is retried every few seconds until it answers.
             level = logging.DEBUG if self._mgmt_down else logging.WARNING
@@ -270,15 +246,7 @@ class RabbitQueue(QueueBackend):
             self._next_refresh = time.monotonic() + min(self.refresh, 5.0)
             return
         self._mgmt_down = False
-        names = sorted(
-            {
-                b["destination"]
-                for b in bindings
-                if b.get("source") == EXCHANGE
-                and b.get("destination_type") == "queue"
-                and str(b.get("routing_key", "")).startswith(ROUTING_PREFIX)
-            }
-        )
+        names = studioml_queues(bindings)
         served = [n for n in names if self.filter.allows(n)]
         skipped = {n: self.filter.why_not(n) for n in names if n not in served}
         self.announce(log, served, self._queues, skipped)

@@ -1,13 +1,17 @@
 """The agent against a real (private) RabbitMQ broker: discovery, custody, restarts, deletion."""
 
 import json
+import re
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pika
 import pytest
 
+from agent.queues import build_backend
+from agent.queues.base import Delivery, QueueFilter
 from agent.request import Request
 from agent.submit import Submission, prepare
 from tests.conftest import AgentProcess, Layout, wait_until, write_workspace
@@ -227,3 +231,37 @@ def test_a_queue_deleted_while_listening(
     request = submit_rmq(rabbitmq, lay, COUNTED, str(runs), "0", queue="rmq_alive")
     wait_until(lambda: finished(lay, request.key), what="the other queue still served")
     assert agent.stop() == 0
+
+
+def test_a_queue_made_after_start_is_served_through_the_event_exchange(
+    rabbitmq: RabbitBroker, tmp_path: Path
+) -> None:
+    name = f"rmq_new_{uuid.uuid4().hex[:8]}"
+    backend = build_backend(
+        "rabbitmq",
+        name="events",
+        amqp_url=rabbitmq.amqp_url,
+        mgmt_url=rabbitmq.mgmt_url,
+        queue_filter=QueueFilter(f"^{re.escape(name)}$"),
+        state_dir=tmp_path / "state",
+        refresh=3600,  # no timed listing would find it during this test
+    )
+    try:
+        backend.capacity(1)
+        backend.tick()
+        assert backend.served_queues() == []
+        publish(rabbitmq, name, b'{"new": true}')  # the client declares, binds and publishes
+        found: list[Delivery] = []
+
+        def delivered() -> bool:
+            backend.tick()
+            if (delivery := backend.receive()) is not None:
+                found.append(delivery)
+            return bool(found)
+
+        wait_until(delivered, timeout=15, what="the new queue's message")
+        assert (found[0].queue, found[0].body) == (name, b'{"new": true}')
+        found[0].ack()
+    finally:
+        backend.close()
+        rabbitmq.delete_queue(name)

@@ -170,8 +170,11 @@ class RabbitBroker:
             "log.console = false\n"
             "log.file.level = info\n" + self._tls_config()
         )
-        # What `rabbitmq-plugins enable --offline rabbitmq_management` writes, without its 1.2 s.
-        (self.base / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        # What `rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_event_exchange`
+        # writes, without its 1.2 s.
+        (self.base / "enabled_plugins").write_text(
+            "[rabbitmq_management,rabbitmq_event_exchange].\n"
+        )
 
     def _tls_config(self) -> str:
         if self.tls is None:

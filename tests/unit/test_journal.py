@@ -2,7 +2,7 @@ from base64 import b64decode
 from pathlib import Path
 
 from agent.queues.journal import Journal
-from agent.queues.rabbitmq import bindings_request, management_url, redact_url
+from agent.queues.rabbitmq_discovery import bindings_request, management_url, redact_url
 
 
 def test_kept_messages_survive_a_new_journal(tmp_path: Path) -> None:
