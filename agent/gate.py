@@ -1,12 +1,13 @@
 """The gate every delivery passes before it runs: bounded parse, the trust of its source, a fair
 count of its attempts, and room on this machine.
 
-What fails here never runs and is never lost: it is set aside under ``<state>/rejected/`` with
-the reason, reported, and acknowledged. Nothing a message holds can raise out of ``admit``.
+What fails here never runs and is never lost: ``admit`` says to set it aside, and the supervisor
+keeps it under ``<state>/rejected/`` with the reason (``keep_aside``), reports it and
+acknowledges it. Nothing a message holds can raise out of ``admit``.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent import setaside, trust
 from agent.errors import BadRequest
@@ -17,6 +18,7 @@ from agent.report.events import Event, Events
 from agent.request import Request
 from agent.resources import Admission, Grant
 from agent.settings import Settings
+from agent.settlement import Settlement, set_aside
 from agent.storage.base import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -40,40 +42,40 @@ class Gate:
         self.events = events
         self.ledger = Ledger(settings.state_dir / "ledger")
 
-    def admit(self, backend: QueueBackend, delivery: Delivery) -> Ticket | None:
-        """A ticket to run, or None: set aside, or returned to wait for room."""
+    def admit(self, backend: QueueBackend, delivery: Delivery) -> Ticket | Settlement:
+        """A ticket to run, or what to do with the delivery instead (set aside, or give back
+        to wait for room); the supervisor carries that out."""
         record = self.ledger.begin(delivery)
         try:
-            return self._admit(backend, delivery, record)
+            verdict = self._admit(backend, delivery, record)
         except BaseException:
             self.ledger.returned(record)  # the take failed (disk, queue): no phase to charge
             raise
+        return verdict if isinstance(verdict, Ticket) else replace(verdict, record=record)
 
-    def _admit(self, backend: QueueBackend, delivery: Delivery, record: Record) -> Ticket | None:
+    def _admit(
+        self, backend: QueueBackend, delivery: Delivery, record: Record
+    ) -> Ticket | Settlement:
         reason = self._suspicion(record)
         if reason:
-            self.set_aside(delivery, "rejected", reason, record)
-            return None
+            return set_aside(reason)
         try:
             request, storage = self._take(backend, delivery)
         except BadRequest as exc:
-            self.set_aside(delivery, "rejected", f"malformed message: {exc}", record)
-            return None
+            return set_aside(f"malformed message: {exc}")
         except Exception as exc:  # a bug in intake: never a crash, never a loop
             log.exception("taking message %s failed", delivery.message_id)
-            self.set_aside(delivery, "rejected", f"agent error while taking it: {exc!r}", record)
-            return None
+            return set_aside(f"agent error while taking it: {exc!r}")
         self.ledger.enter(record, "fetching", request.key)
         attempts = delivery.delivery_count - record.excused
         if attempts > self.settings.max_attempts:
-            reason = f"handed out {attempts} times (max_attempts {self.settings.max_attempts})"
-            self.set_aside(delivery, "rejected", reason, record)
-            return None
+            return set_aside(
+                f"handed out {attempts} times (max_attempts {self.settings.max_attempts})"
+            )
         resources = request.experiment.resources_needed
         grant = self.admission.take(backend, delivery, request.key, resources)
-        if grant is None:
-            self.ledger.excuse(record)  # returned for lack of room: not an attempt
-            return None
+        if isinstance(grant, Settlement):
+            return grant  # no room now: back to its queue, the hand-out excused
         return Ticket(request, storage, record, grant, attempts)
 
     def _suspicion(self, record: Record) -> str:
@@ -94,13 +96,13 @@ class Gate:
         trust.check_request(request, storage)
         return request, storage
 
-    def set_aside(self, delivery: Delivery, kind: str, reason: str, record: Record) -> None:
-        """Keep the raw message and why under ``<state>/<kind>/``, then acknowledge it."""
+    def keep_aside(self, delivery: Delivery, kind: str, reason: str, record: Record | None) -> None:
+        """Keep the raw message and why under ``<state>/<kind>/``, and report it (the
+        supervisor then acknowledges it)."""
         kept = setaside.keep(self.settings.state_dir, kind, delivery, reason)
-        text = f"message {record.where()} set aside in {kept}: {reason}"
+        where = record.where() if record else f"{delivery.queue}/{delivery.message_id}"
+        text = f"message {where} set aside in {kept}: {reason}"
         fields = {"QUEUE": delivery.queue, "BACKEND": delivery.backend, "SET_ASIDE": kind}
-        if record.key:
+        if record is not None and record.key:
             fields["EXPERIMENT_KEY"] = record.key
         self.events.emit(Event("message_rejected", text, fields, level=logging.ERROR))
-        delivery.ack()
-        self.ledger.settled(record)

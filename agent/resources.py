@@ -35,6 +35,7 @@ from agent.gpus import Card, Inventory, load_inventory
 from agent.queues.base import Delivery, QueueBackend
 from agent.request import Resources
 from agent.settings import Settings
+from agent.settlement import Settlement, give_back
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,9 @@ class Admission:
 
     def take(
         self, backend: QueueBackend, delivery: Delivery, key: str, res: Resources
-    ) -> Grant | None:
-        """Reserve what the request needs; or give the delivery back, pause its queue, None."""
+    ) -> Grant | Settlement:
+        """Reserve what the request needs; or say to give it back and pause its queue for a
+        while (much longer when it can never fit), the hand-out excused (agent.ledger)."""
         verdict = self.admit(key, res)
         slot = (id(backend), delivery.queue)
         if verdict.grant is not None:
@@ -164,8 +166,7 @@ class Admission:
             return verdict.grant
         with self._lock:
             self._waiting[slot] = (backend, verdict.need, verdict.reason, verdict.never)
-        self._defer(backend, delivery, key, verdict)
-        return None
+        return self._defer(delivery, key, verdict)
 
     def release(self, grant: Grant | None) -> None:
         """Give back what ``grant`` held (idempotent, any thread), and reopen waiting queues."""
@@ -263,12 +264,8 @@ class Admission:
         fit.sort(key=lambda c: (c.memory, c.index))
         return tuple(fit[: need.gpus]) if len(fit) >= need.gpus else ()
 
-    def _defer(self, backend: QueueBackend, delivery: Delivery, key: str, verdict: Verdict) -> None:
-        """Give the delivery back and pause its queue (ERROR when it can never fit); the caller
-        excuses the hand-out (agent.ledger), so it does not count towards max_attempts."""
-        delivery.requeue()
+    def _defer(self, delivery: Delivery, key: str, verdict: Verdict) -> Settlement:
         pause = self.never_backoff if verdict.never else self.backoff
-        backend.pause(delivery.queue, pause)
         where = f"{delivery.backend}:{delivery.queue}"
         if verdict.never:
             log.error(
@@ -287,6 +284,7 @@ class Admission:
                 verdict.reason,
                 pause,
             )
+        return give_back(pause, verdict.reason, excused=True)
 
     # -- reporting -----------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -47,6 +47,7 @@ from agent.report.notify import Notifier
 from agent.resources import Grant, admission_for
 from agent.sandbox import Sandbox
 from agent.settings import Settings
+from agent.settlement import Settlement, acknowledge, give_back, set_aside
 from agent.status import write_status
 from agent.subscriptions import Subscriptions
 from agent.watch import FolderWatcher
@@ -332,15 +333,36 @@ class Supervisor:
     def _start(self, backend: QueueBackend, delivery: Delivery) -> None:
         try:
             ticket = self.gate.admit(backend, delivery)
+            if isinstance(ticket, Ticket):
+                self._launch(backend, delivery, ticket)
+            else:
+                self.carry_out(backend, delivery, ticket)
         except (AgentError, OSError) as exc:
             # The disk (set aside, ledger) or the queue failed, not the message: return it.
             log.error("could not take message %s: %s; returning it", delivery.message_id, exc)
             with contextlib.suppress(AgentError, OSError):
-                delivery.requeue()
-            backend.pause(delivery.queue, self.settings.retry_backoff)
+                self.carry_out(backend, delivery, give_back(self.settings.retry_backoff))
+
+    def carry_out(self, backend: QueueBackend, delivery: Delivery, settle: Settlement) -> None:
+        """The one place a delivery is acknowledged, returned or set aside."""
+        record = settle.record
+        if settle.action == "set_aside":
+            self.gate.keep_aside(delivery, settle.kind, settle.reason, record)
+            delivery.ack()
+        elif settle.action == "return":
+            delivery.requeue()
+            if settle.pause:
+                backend.pause(delivery.queue, settle.pause)
+        else:
+            delivery.ack()
+        if record is None:
             return
-        if ticket is not None:
-            self._launch(backend, delivery, ticket)
+        if settle.action != "return":
+            self.gate.ledger.settled(record)
+        elif settle.excused:
+            self.gate.ledger.excuse(record)
+        else:
+            self.gate.ledger.returned(record)
 
     def _launch(self, backend: QueueBackend, delivery: Delivery, ticket: Ticket) -> None:
         where = f"{delivery.backend}:{delivery.queue}/{delivery.message_id}"
@@ -417,30 +439,24 @@ class Supervisor:
                 log.exception("settling the message of %s failed", outcome.key)
 
     def _settle(self, job: Job, outcome: Outcome) -> None:
-        delivery = job.delivery
         try:
             self._report_outcome(job, outcome)
         except Exception:  # the report is best effort; the message must still be settled
             log.exception("reporting the outcome of %s failed", outcome.key)
-        if outcome.transient:
-            delivery.requeue()
-            if self._stop_requests:  # cut or never started by our own shutdown: not an attempt
-                self.gate.ledger.excuse(job.record)
-            else:
-                self.gate.ledger.returned(job.record)
-                # The same trouble (storage down, disk full) would hit the next try at once.
-                backoff = min(
-                    self.settings.retry_backoff * 2 ** (delivery.delivery_count - 1), 600.0
-                )
-                job.backend.pause(delivery.queue, backoff)
-                log.info(
-                    "queue %s paused for %.0fs after a failed attempt", delivery.queue, backoff
-                )
-        elif outcome.status == "expired":
-            self.gate.set_aside(delivery, "expired", outcome.detail, job.record)
-        else:
-            delivery.ack()
-            self.gate.ledger.settled(job.record)
+        settle = replace(self._settlement_of(job.delivery, outcome), record=job.record)
+        self.carry_out(job.backend, job.delivery, settle)
+
+    def _settlement_of(self, delivery: Delivery, outcome: Outcome) -> Settlement:
+        if outcome.status == "expired":
+            return set_aside(outcome.detail, "expired")
+        if not outcome.transient:
+            return acknowledge()  # a result, whatever the exit status: uploaded and done
+        if self._stop_requests:  # cut or never started by our own shutdown: not an attempt
+            return give_back(excused=True)
+        # The same trouble (storage down, disk full) would hit the next try at once.
+        backoff = min(self.settings.retry_backoff * 2 ** (delivery.delivery_count - 1), 600.0)
+        log.info("queue %s paused for %.0fs after a failed attempt", delivery.queue, backoff)
+        return give_back(backoff, outcome.detail)
 
     def _job_fields(self, job: Job) -> dict[str, str]:
         credential = job.backend.name or job.backend.kind

@@ -15,11 +15,12 @@ import pytest
 
 from agent.executors.base import Executor, Launch, RunContext
 from agent.gpus import Card, Inventory
-from agent.queues.base import QueueFilter
+from agent.queues.base import Delivery, QueueFilter
 from agent.queues.local import LocalQueue, enqueue
 from agent.report.notify import Notifier
 from agent.request import Resources
-from agent.resources import Admission, Capacity, Need
+from agent.resources import Admission, Capacity, Grant, Need
+from agent.settlement import Settlement
 from agent.submit import Submission, prepare
 from agent.subscriptions import Subscriptions
 from agent.supervisor import Supervisor
@@ -170,6 +171,12 @@ def test_capacity_of_this_machine_caps_the_settings() -> None:
     assert at_best > room
 
 
+def carry_out(backend: LocalQueue, delivery: Delivery, settle: Settlement) -> None:
+    """What Supervisor.carry_out does with a return (tests/integration covers the real one)."""
+    delivery.requeue()
+    backend.pause(delivery.queue, settle.pause)
+
+
 def queue_with_message(tmp_path: Path, body: bytes = b'{"k": 1}') -> LocalQueue:
     enqueue(tmp_path / "queue", "local_q", body)
     return LocalQueue(tmp_path / "queue", tmp_path / "state", QueueFilter(r"^local_"))
@@ -184,7 +191,10 @@ def test_a_message_that_does_not_fit_now_goes_back_uncounted(
     delivery = backend.receive()
     assert delivery is not None
     with caplog.at_level(logging.INFO):
-        assert adm.take(backend, delivery, "waiting", needs(gpus=1)) is None
+        settle = adm.take(backend, delivery, "waiting", needs(gpus=1))
+    assert isinstance(settle, Settlement)
+    assert (settle.action, settle.excused, settle.pause) == ("return", True, 30.0)
+    carry_out(backend, delivery, settle)
     assert "does not fit now" in caplog.text
     assert backend.paused("local_q")
     assert backend.receive() is None
@@ -195,7 +205,7 @@ def test_a_message_that_does_not_fit_now_goes_back_uncounted(
     again = backend.receive()
     assert again is not None
     assert again.delivery_count == 2  # agent.gate excuses the return: tests/unit/test_ledger.py
-    assert adm.take(backend, again, "waiting", needs(gpus=1)) is not None
+    assert isinstance(adm.take(backend, again, "waiting", needs(gpus=1)), Grant)
     assert adm.describe()["waiting"] == {}
 
 
@@ -207,7 +217,10 @@ def test_a_message_that_can_never_fit_is_returned_with_an_error(
     delivery = backend.receive()
     assert delivery is not None
     with caplog.at_level(logging.INFO):
-        assert adm.take(backend, delivery, "greedy", needs(gpus=4)) is None
+        settle = adm.take(backend, delivery, "greedy", needs(gpus=4))
+    assert isinstance(settle, Settlement)
+    assert (settle.action, settle.excused, settle.pause) == ("return", True, 600.0)
+    carry_out(backend, delivery, settle)
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "greedy" in errors[0].getMessage()
