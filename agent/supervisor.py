@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from agent import process
+from agent import process, settling
 from agent.credentials import scan
 from agent.errors import AgentError, ConfigError
 from agent.executors.base import Executor
@@ -47,7 +47,7 @@ from agent.report.notify import Notifier
 from agent.resources import Grant, admission_for
 from agent.sandbox import Sandbox
 from agent.settings import Settings
-from agent.settlement import Settlement, acknowledge, give_back, set_aside
+from agent.settlement import Settlement, give_back
 from agent.status import write_status
 from agent.subscriptions import Subscriptions
 from agent.watch import FolderWatcher
@@ -345,24 +345,7 @@ class Supervisor:
 
     def carry_out(self, backend: QueueBackend, delivery: Delivery, settle: Settlement) -> None:
         """The one place a delivery is acknowledged, returned or set aside."""
-        record = settle.record
-        if settle.action == "set_aside":
-            self.gate.keep_aside(delivery, settle.kind, settle.reason, record)
-            delivery.ack()
-        elif settle.action == "return":
-            delivery.requeue()
-            if settle.pause:
-                backend.pause(delivery.queue, settle.pause)
-        else:
-            delivery.ack()
-        if record is None:
-            return
-        if settle.action != "return":
-            self.gate.ledger.settled(record)
-        elif settle.excused:
-            self.gate.ledger.excuse(record)
-        else:
-            self.gate.ledger.returned(record)
+        settling.carry_out(self.gate, backend, delivery, settle)
 
     def _launch(self, backend: QueueBackend, delivery: Delivery, ticket: Ticket) -> None:
         where = f"{delivery.backend}:{delivery.queue}/{delivery.message_id}"
@@ -443,20 +426,10 @@ class Supervisor:
             self._report_outcome(job, outcome)
         except Exception:  # the report is best effort; the message must still be settled
             log.exception("reporting the outcome of %s failed", outcome.key)
-        settle = replace(self._settlement_of(job.delivery, outcome), record=job.record)
+        stopping = bool(self._stop_requests)
+        settle = settling.of_outcome(job.delivery, outcome, stopping, self.settings.retry_backoff)
+        settle = replace(settle, record=job.record)
         self.carry_out(job.backend, job.delivery, settle)
-
-    def _settlement_of(self, delivery: Delivery, outcome: Outcome) -> Settlement:
-        if outcome.status == "expired":
-            return set_aside(outcome.detail, "expired")
-        if not outcome.transient:
-            return acknowledge()  # a result, whatever the exit status: uploaded and done
-        if self._stop_requests:  # cut or never started by our own shutdown: not an attempt
-            return give_back(excused=True)
-        # The same trouble (storage down, disk full) would hit the next try at once.
-        backoff = min(self.settings.retry_backoff * 2 ** (delivery.delivery_count - 1), 600.0)
-        log.info("queue %s paused for %.0fs after a failed attempt", delivery.queue, backoff)
-        return give_back(backoff, outcome.detail)
 
     def _job_fields(self, job: Job) -> dict[str, str]:
         credential = job.backend.name or job.backend.kind

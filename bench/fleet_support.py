@@ -160,6 +160,15 @@ def queued(services: Services, kind: str, queues: Iterable[str]) -> int:
     return total
 
 
+def purge(services: Services, queues: dict[str, list[str]]) -> None:
+    """Empty the broker queues and the local queue root: nothing left for the next fleet."""
+    for name in queues.get("rabbitmq", []):
+        services.channel.queue_purge(name)
+    for name in queues.get("sqs", []):
+        services.sqs.purge_queue(QueueUrl=services.sqs_urls[name])
+    shutil.rmtree(services.queue_root, ignore_errors=True)
+
+
 # -- counters at the services ------------------------------------------------------------------
 
 
@@ -175,6 +184,16 @@ def moto_requests(log: Path) -> int:
     """Request lines moto has logged (werkzeug: ``127.0.0.1 - - [date] "POST / ..." 200``)."""
     with log.open("rb") as lines:
         return sum(1 for line in lines if b'] "' in line)
+
+
+def service_ticks(services: Services) -> dict[str, int]:
+    """CPU ticks so far of the broker (its session: the VM and helpers), moto and the emulator."""
+    broker, emulator = services.broker._proc, services.emulator._proc
+    return {
+        "broker_cpu": session_ticks(broker.pid) if broker else 0,
+        "moto_cpu": proc_ticks(services.s3._proc.pid) if services.s3._proc else 0,
+        "emulator_cpu": session_ticks(emulator.pid) if emulator else 0,
+    }
 
 
 def proc_ticks(pid: int) -> int:
@@ -230,7 +249,9 @@ def land(services: Services, certs: Path, kind: str) -> None:
         staging.mkdir(mode=0o700)
         keys = f"aws_access_key_id = {s3.access_key}\naws_secret_access_key = {s3.secret_key}\n"
         _private(staging / "credentials", f"[default]\n{keys}")
-        _private(staging / "config", f"[default]\nregion = {s3.region}\nendpoint_url = {s3.endpoint}\n")
+        _private(
+            staging / "config", f"[default]\nregion = {s3.region}\nendpoint_url = {s3.endpoint}\n"
+        )
     else:
         key = {"type": "service_account", "project_id": services.emulator.project}
         _private(staging, json.dumps(key))
@@ -265,7 +286,9 @@ class Messages:
         self.workspace_key = pack_workspace(workspace, LocalStorage(self.store / "artifacts"))
 
     def body(self, key: str, lines: Path, queue: str) -> bytes:
-        sub = Submission(self.workspace, "train.py", [str(lines), key], queue, Path("/"), self.store)
+        sub = Submission(
+            self.workspace, "train.py", [str(lines), key], queue, Path("/"), self.store
+        )
         sub.key = key
         return json.dumps(build_message(sub, self.workspace_key)).encode()
 
@@ -325,7 +348,9 @@ def agent_config(services: Services, root: Path, cache: Path, slots: int, store:
 def agent_env(code: Path | None) -> dict[str, str]:
     """Ours, less what would override the config file; ``code`` first on the path if given."""
     drop = set(GO_ALIASES.values()) | {"PYTHONPATH", "JOURNAL_STREAM"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("STUDIO_AGENT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in drop and not k.startswith("STUDIO_AGENT")
+    }
     if code is not None:
         env["PYTHONPATH"] = str(code)
     return env
