@@ -22,8 +22,7 @@ import yaml
 from agent import __version__
 from agent.errors import BadRequest, ConfigError
 from agent.log import setup_logging
-from agent.queues.base import QueueBackend, QueueFilter
-from agent.queues.local import LocalQueue
+from agent.queues.base import QueueBackend
 from agent.settings import Settings, effective_config, load_settings
 
 if TYPE_CHECKING:
@@ -122,6 +121,7 @@ def check_config(file: Path | None) -> int:
 def run_command(settings: Settings, level: str | None, config: Path | None = None) -> int:
     from agent.executors import build_executor
     from agent.log import LevelReload
+    from agent.queues.factory import static_backends
     from agent.report.metrics import Resources
     from agent.subscriptions import Subscriptions
     from agent.supervisor import Supervisor
@@ -129,7 +129,7 @@ def run_command(settings: Settings, level: str | None, config: Path | None = Non
 
     setup_logging(level or settings.log_level)
     with reporting(settings) as (events, metrics):
-        backends = build_backends(settings)
+        backends = static_backends(settings)
         why = wait_for_required(backends, settings.start_budget)
         if why is None:
             log.info("stopped while waiting for the broker")
@@ -213,28 +213,6 @@ def wait_for_required(backends: list[QueueBackend], budget: float) -> str | None
             signal.signal(sig, handler)
 
 
-def build_backends(settings: Settings) -> list[QueueBackend]:
-    """The local queue root always; a broker when ``amqp_url`` names one."""
-    queue_filter = QueueFilter(settings.queue_match, settings.queue_mismatch)
-    backends: list[QueueBackend] = [
-        LocalQueue(settings.queue_root, settings.state_dir, queue_filter, settings.max_message_size)
-    ]
-    if settings.amqp_url:
-        from agent.queues.rabbitmq import RabbitQueue
-
-        rabbit = RabbitQueue(
-            "config",
-            settings.amqp_url,
-            queue_filter,
-            settings.state_dir,
-            mgmt_url=settings.amqp_mgmt_url or None,
-            ca_file=settings.amqp_ca_file,
-            refresh=settings.amqp_refresh,
-        )
-        backends.append(rabbit)
-    return backends
-
-
 def submit_command(settings: Settings, options: argparse.Namespace) -> int:
     from agent.storage import allowed_root
     from agent.submit import Submission, submit, wait_for
@@ -252,7 +230,7 @@ def submit_command(settings: Settings, options: argparse.Namespace) -> int:
         script=options.script,
         args=list(options.args),
         queue=options.queue,
-        queue_root=settings.queue_root,
+        queue_root=settings.local.root,
         storage=(options.storage or settings.state_dir / "storage").resolve(),
         key=options.key,
         requirements=requirements,
@@ -267,7 +245,7 @@ def submit_command(settings: Settings, options: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"studio-agent: {exc}", file=sys.stderr)
         return EX_DATAERR
-    print(f"submitted experiment {request.key} to {settings.queue_root / sub.queue}")
+    print(f"submitted experiment {request.key} to {settings.local.root / sub.queue}")
     try:
         allowed_root(sub.storage, settings.effective_local_storage, "the store")
     except BadRequest as exc:

@@ -11,16 +11,15 @@ import re
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
-    BeforeValidator,
+    BaseModel,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
@@ -30,6 +29,15 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError
+from agent.queue_settings import (
+    FLAT_ALIASES,
+    LocalSettings,
+    PubSubSettings,
+    RabbitSettings,
+    SqsSettings,
+    fold_aliases,
+)
+from agent.settings_types import IMAGE_SOURCES, Duration, ImageSource, Regex, Size, home
 from agent.units import parse_duration, parse_size
 
 DEFAULT_CONFIG = Path("/etc/studio-agent/agent.yaml")
@@ -60,53 +68,32 @@ SECRET_FIELDS: frozenset[str] = frozenset({"slack_hook"})
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):[^@/]*@", re.I)
 
 
-def _regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"not a valid regular expression: {exc}") from None
-    return value
-
-
-Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-Regex = Annotated[str, AfterValidator(_regex)]
-ImageSource = Literal["docker", "library", "oras", "shub", "s3", "file"]
-IMAGE_SOURCES: tuple[ImageSource, ...] = ("docker", "library", "oras", "shub", "s3", "file")
-
-
-def _home() -> Path:
-    return Path(os.environ.get("HOME") or Path.home())
-
-
-def _default_queue_root() -> Path:
-    studio_home = os.environ.get("STUDIOML_HOME")
-    return (Path(studio_home) if studio_home else _home() / ".studioml") / "queue"
-
-
 def _default_state_dir() -> Path:
     # systemd's StateDirectory= exports STATE_DIRECTORY; off systemd follow XDG.
     if os.environ.get("STATE_DIRECTORY"):
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     xdg = os.environ.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else _home() / ".local" / "state") / "studio-agent"
+    return (Path(xdg) if xdg else home() / ".local" / "state") / "studio-agent"
 
 
 def _default_cache_dir() -> Path:
     if os.environ.get("CACHE_DIRECTORY"):
         return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else _home() / ".cache") / "studio-agent"
+    return (Path(xdg) if xdg else home() / ".cache") / "studio-agent"
 
 
 class Settings(BaseSettings):
     """Every key an operator can set. Names are stable: docs, Ansible and Salt use them."""
 
     model_config = SettingsConfigDict(
-        extra="forbid", frozen=True, env_prefix=ENV_PREFIX, case_sensitive=False
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        env_nested_delimiter="__",
     )
 
-    queue_root: Path = Field(default_factory=_default_queue_root)
     queue_match: Regex = r"^(rmq|sqs|local)_.*$"
     queue_mismatch: Regex = ""
     state_dir: Path = Field(default_factory=_default_state_dir)
@@ -122,11 +109,11 @@ class Settings(BaseSettings):
     checkpoint_interval: Duration = parse_duration("10m")
     checkpoint_min_interval: Duration = parse_duration("30s")
     certs_dir: Path | None = Path("/etc/studio-agent/certs")
-    pubsub_emulator_host: str = ""
-    amqp_url: str = ""
-    amqp_mgmt_url: str = ""
-    amqp_ca_file: Path | None = None
-    amqp_refresh: Duration = parse_duration("30s")
+    # -- the queue backends, a section each (agent.queue_settings; flat aliases accepted) --
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    rabbitmq: RabbitSettings = Field(default_factory=RabbitSettings)
+    sqs: SqsSettings = Field(default_factory=SqsSettings)
+    pubsub: PubSubSettings = Field(default_factory=PubSubSettings)
     s3_ca_bundle: Path | None = None
     s3_verify: bool = True
     # host[:port] of the S3 servers a message may name; empty: any but link-local addresses
@@ -181,15 +168,13 @@ class Settings(BaseSettings):
     max_disk: Size = 0
     cpu_only: bool = False
 
-    @field_validator("amqp_url", "amqp_mgmt_url")
+    @model_validator(mode="before")
     @classmethod
-    def _url_scheme(cls, value: str, info: ValidationInfo) -> str:
-        allowed = ("amqp://", "amqps://") if info.field_name == "amqp_url" else ("http", "https")
-        if value and not value.startswith(allowed):
-            raise ValueError(f"must start with {' or '.join(allowed)}")
-        return value
+    def _flat_aliases(cls, data: Any) -> Any:
+        """``amqp_url=...`` given directly (tests, overrides) fills its section."""
+        return fold_aliases(data, override=True) if isinstance(data, dict) else data
 
-    @field_validator("amqp_ca_file", "s3_ca_bundle")
+    @field_validator("s3_ca_bundle")
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -258,7 +243,14 @@ class _GoAliasSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {field: os.environ[name] for field, name in GO_ALIASES.items() if name in os.environ}
+        """The Go runner's names, then the prefixed flat aliases (``STUDIO_AGENT_AMQP_URL``)."""
+        found = {
+            field: os.environ[name] for field, name in GO_ALIASES.items() if name in os.environ
+        }
+        for flat in FLAT_ALIASES:
+            if ENV_PREFIX + flat.upper() in os.environ:
+                found[flat] = os.environ[ENV_PREFIX + flat.upper()]
+        return fold_aliases(found, override=True)
 
 
 def config_files(main: Path) -> list[Path]:
@@ -282,7 +274,9 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     data: dict[str, Any] = {}
     where: dict[tuple[str, ...], str] = {}
     for path in config_files(main):
-        _merge(data, where, *_read_yaml(path))
+        new, new_where = _read_yaml(path)
+        _merge(data, where, fold_aliases(new, override=False, where=new_where), new_where)
+        where.update(new_where)  # every key this file set, nested ones too, is now its
     _refuse_unknown_env()
     token = _FILES.set((data, where))
     try:
@@ -337,8 +331,18 @@ def _merge(
             data[key] = value
 
 
+def _env_names() -> set[str]:
+    """Every STUDIO_AGENT_ name: each key, each section's keys, each flat alias."""
+    names = {ENV_PREFIX + name.upper() for name in [*Settings.model_fields, *FLAT_ALIASES]}
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names |= {f"{ENV_PREFIX}{name.upper()}__{key.upper()}" for key in section.model_fields}
+    return names
+
+
 def _refuse_unknown_env() -> None:
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = _env_names()
     unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k not in known)
     if unknown:
         raise ConfigError(
@@ -361,11 +365,17 @@ def _explain(exc: ValidationError, where: Mapping[tuple[str, ...], str]) -> str:
 
 
 def _source_of(loc: tuple[str, ...], where: Mapping[tuple[str, ...], str]) -> str:
-    name = loc[0] if loc else ""
-    if ENV_PREFIX + name.upper() in os.environ:
-        return f"environment variable {ENV_PREFIX}{name.upper()}"
-    if GO_ALIASES.get(name, "") in os.environ:
-        return f"environment variable {GO_ALIASES[name]}"
+    names = [loc[0] if loc else ""]
+    names += [f for f, (section, key) in FLAT_ALIASES.items() if tuple(loc[:2]) == (section, key)]
+    for candidate in (
+        ENV_PREFIX + "__".join(loc).upper(),
+        *(ENV_PREFIX + n.upper() for n in names),
+    ):
+        if candidate in os.environ:
+            return f"environment variable {candidate}"
+    for name in names:
+        if GO_ALIASES.get(name, "") in os.environ:
+            return f"environment variable {GO_ALIASES[name]}"
     for depth in range(len(loc), 0, -1):
         if loc[:depth] in where:
             return where[loc[:depth]]

@@ -9,49 +9,12 @@ import logging
 from collections.abc import Iterable
 
 from agent.credentials import Credential
-from agent.queues import build_backend
-from agent.queues.base import QueueBackend, QueueFilter
+from agent.queues.base import QueueBackend
+from agent.queues.factory import credential_backend
 from agent.report.events import Event, Events
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def backend_for(credential: Credential, settings: Settings) -> QueueBackend:
-    """Build the backend a credential asks for; vendor SDKs load only when first needed."""
-    queue_filter = QueueFilter(settings.queue_match, settings.queue_mismatch)
-    common = {"queue_filter": queue_filter, "state_dir": settings.state_dir}
-    found = credential.settings
-    if credential.kind == "rabbitmq":
-        return build_backend(
-            "rabbitmq",
-            name=credential.name,
-            amqp_url=found["amqp_url"],
-            mgmt_url=found["mgmt_url"],
-            ca_file=settings.amqp_ca_file,
-            refresh=settings.amqp_refresh,
-            **common,
-        )
-    if credential.kind == "sqs":
-        return build_backend(
-            "sqs",
-            name=credential.name,
-            access_key=found["access_key"],
-            secret_key=found["secret_key"],
-            region=found["region"],
-            session_token=found["session_token"],
-            endpoint_url=found["endpoint_url"],
-            **common,
-        )
-    emulator = settings.pubsub_emulator_host or None
-    return build_backend(
-        "pubsub",
-        name=credential.name,
-        key_file=None if emulator else found["key_file"],
-        project=found["project"],
-        emulator_host=emulator,
-        **common,
-    )
 
 
 class Subscriptions:
@@ -93,7 +56,7 @@ class Subscriptions:
 
     def _add(self, credential: Credential, recover: bool) -> None:
         try:
-            backend = backend_for(credential, self.settings)
+            backend = credential_backend(credential, self.settings)
         except Exception as exc:  # a vendor SDK refusing the settings must not stop the agent
             self.refused[credential.ident] = f"cannot use it: {type(exc).__name__}: {exc}"
             self._report_refused(credential.ident, self.refused[credential.ident])

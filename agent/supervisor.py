@@ -198,7 +198,7 @@ class Supervisor:
             cache.mkdir(parents=True, exist_ok=True)
             for folder in (state, work, cache):
                 os.chmod(folder, 0o711)
-            _close_to_others(self.settings.queue_root)
+            _close_to_others(self.settings.local.root)
         else:
             os.chmod(state, 0o700)  # it holds raw messages, and those carry credentials
         handle = (state / "agent.lock").open("ab")

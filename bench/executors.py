@@ -150,7 +150,7 @@ def one_run(
             script="train.py",
             args=[],
             queue="local_bench",
-            queue_root=settings.queue_root,
+            queue_root=settings.local.root,
             storage=work / "store",
             requirements=packages,
         )

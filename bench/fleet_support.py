@@ -319,7 +319,7 @@ class Agent:
     def held(self) -> int:
         """Messages in its custody: local in-flight files and journal bodies."""
         files = (self.state / "inflight").rglob("*")
-        return sum(1 for p in files if p.suffix != ".json" and not p.name.startswith("."))
+        return sum(1 for p in files if p.suffix != ".json" and p.name[0] != "." and p.is_file())
 
 
 def agent_config(services: Services, root: Path, cache: Path, slots: int, store: Path) -> Path:

@@ -31,7 +31,7 @@ from typing import BinaryIO
 from agent.errors import EnvironmentFailed
 from agent.executors.base import Fetch
 from agent.request import Artifact, Request, StudioConfig
-from agent.settings import ImageSource
+from agent.settings_types import ImageSource
 
 ARTIFACT = "_singularity"
 PULL_SCHEMES: dict[str, ImageSource] = {

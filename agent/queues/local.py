@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "lock.lock"
 LOCK_WAIT = 10.0  # seconds; the client holds the lock for one file operation only
 STALE_LOCK = 120.0  # a lock older than this was left by a process that died holding it
-RESCAN = 5.0  # seconds between scans when no change was seen
+RESCAN = 5.0  # seconds between scans when no change was seen (``local.rescan``)
 WATCH_LATENCY_MS = 10  # how long the watch gathers a burst of changes before it wakes the agent
 
 
@@ -139,10 +139,16 @@ class LocalQueue(QueueBackend):
     polls = False  # watched: a change wakes the supervisor
 
     def __init__(
-        self, root: Path, state_dir: Path, queue_filter: QueueFilter, max_body: int = 64 * 2**20
+        self,
+        root: Path,
+        state_dir: Path,
+        queue_filter: QueueFilter,
+        max_body: int = 64 * 2**20,
+        rescan: float = RESCAN,
     ):
         self.root = root
         self.max_body = max_body
+        self.rescan = rescan
         self.filter = queue_filter
         self.inflight = state_dir / "inflight" / "local"
         self.attempts = state_dir / "attempts" / "local"
@@ -187,12 +193,10 @@ class LocalQueue(QueueBackend):
             # Late-bound: the supervisor sets ``wake`` after the backend is made.
             self._watcher = FolderWatcher(self.root, lambda: self.wake(), WATCH_LATENCY_MS)
             self._watcher.start()
-        now, last = time.monotonic(), self._next_scan - RESCAN
-        if self._watcher.take_change() or self._more or self.pause_ended_since(last):
-            self._next_scan = now + RESCAN
-            return True
-        if now >= self._next_scan:
-            self._next_scan = now + RESCAN
+        now, last = time.monotonic(), self._next_scan - self.rescan
+        changed = self._watcher.take_change() or self._more or self.pause_ended_since(last)
+        if changed or now >= self._next_scan:
+            self._next_scan = now + self.rescan
             return True
         return False
 

@@ -251,7 +251,7 @@ class ShellExecutor(Executor):
 
 def supervisor(lay: Layout, executor: Executor) -> Supervisor:
     settings = lay.settings()
-    backend = LocalQueue(settings.queue_root, settings.state_dir, QueueFilter(r"^local_"))
+    backend = LocalQueue(settings.local.root, settings.state_dir, QueueFilter(r"^local_"))
     sup = Supervisor(settings, Subscriptions(settings, [backend]), executor, notifier=Notifier({}))
     sup.settings.state_dir.mkdir(parents=True, exist_ok=True)
     return sup

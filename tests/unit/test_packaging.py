@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 import agent
 from agent.settings import Settings, load_settings
@@ -18,7 +19,7 @@ SERVICE_ENV = {
     "STATE_DIRECTORY": "/var/lib/studio-agent",
     "CACHE_DIRECTORY": "/var/cache/studio-agent",
 }
-_KEY = re.compile(r"^(?:# )?([a-z_0-9]+): (.*)$")
+_KEY = re.compile(r"^(?:# )?(  )?([a-z_0-9]+):(?: (.*))?$")
 # Set, not commented: a shell (studio-agent status) has no STATE_DIRECTORY to go by.
 SET_KEYS = {"state_dir", "cache_dir"}
 
@@ -33,12 +34,30 @@ def service_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def listed_keys() -> dict[str, str]:
-    lines = DEFAULT_CONFIG.read_text().splitlines()
-    return {m[1]: m[2] for m in map(_KEY.match, lines) if m}
+    """Each key the file lists, a section's as ``section.key``, with its value as written."""
+    keys: dict[str, str] = {}
+    section = ""
+    for match in map(_KEY.match, DEFAULT_CONFIG.read_text().splitlines()):
+        if match is None:
+            continue
+        indent, key, value = match.groups()
+        if not indent:
+            section = key if value is None else ""
+        keys[f"{section}.{key}" if indent else key] = value or ""
+    return keys
+
+
+def every_key() -> list[str]:
+    keys = []
+    for name, field in Settings.model_fields.items():
+        keys.append(name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += [f"{name}.{key}" for key in field.annotation.model_fields]
+    return sorted(keys)
 
 
 def test_default_config_lists_every_key() -> None:
-    assert sorted(listed_keys()) == sorted(Settings.model_fields)
+    assert sorted(listed_keys()) == every_key()
 
 
 def test_default_config_sets_only_the_service_paths() -> None:
@@ -51,7 +70,8 @@ def test_default_config_is_valid_as_shipped(service_env: None) -> None:
 
 
 def test_default_config_shows_the_service_defaults(service_env: None, tmp_path: Path) -> None:
-    uncommented = "\n".join(f"{key}: {value}" for key, value in listed_keys().items())
+    lines = DEFAULT_CONFIG.read_text().splitlines()
+    uncommented = "\n".join(line.removeprefix("# ") for line in lines if _KEY.match(line))
     written = tmp_path / "agent.yaml"
     written.write_text(yaml.safe_dump(yaml.safe_load(uncommented)))
     empty = tmp_path / "empty.yaml"

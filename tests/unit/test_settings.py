@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.errors import ConfigError
 from agent.settings import load_settings
@@ -28,7 +29,7 @@ def test_file_then_drop_ins_in_order(tmp_path: Path) -> None:
     assert settings.max_concurrent == 4
     assert settings.cache_size == 2 * 2**30
     assert settings.drain_timeout == 300
-    assert settings.queue_root == Path("/q")
+    assert settings.local.root == Path("/q")
 
 
 def test_environment_beats_files_and_prefix_beats_go_alias(
@@ -101,7 +102,8 @@ def test_check_config_prints_effective_config(tmp_path: Path) -> None:
     result = run_cli("check-config", str(main))
     assert result.returncode == 0, result.stderr
     assert "max_concurrent: 3" in result.stdout
-    assert "queue_root: /srv/q" in result.stdout
+    shown = yaml.safe_load(result.stdout)  # the "# isolation" lines are comments
+    assert shown["local"]["root"] == "/srv/q"  # the flat alias, shown in its section
 
 
 def test_config_error_exits_78_with_the_reason(tmp_path: Path) -> None:
@@ -110,3 +112,49 @@ def test_config_error_exits_78_with_the_reason(tmp_path: Path) -> None:
         result = run_cli(*args)
         assert result.returncode == 78
         assert f"{main}:1: bogus: unknown key" in result.stderr
+
+
+def test_backend_sections_and_their_flat_aliases(tmp_path: Path) -> None:
+    main = write(
+        tmp_path / "agent.yaml",
+        "amqp_url: amqp://main/\nsqs:\n  wait_time: 5\n  visibility: 2m\nlocal:\n  rescan: 1s\n",
+    )
+    write(tmp_path / "conf.d" / "50-rmq.yaml", "rabbitmq:\n  refresh: 10s\namqp_refresh: 20s\n")
+    with pytest.raises(ConfigError, match=r"50-rmq.yaml:3: amqp_refresh and rabbitmq.refresh"):
+        load_settings(main)  # both spellings in one file: which was meant?
+    write(tmp_path / "conf.d" / "50-rmq.yaml", "rabbitmq:\n  url: amqp://drop-in/\n")
+    settings = load_settings(main)
+    assert settings.rabbitmq.url == "amqp://drop-in/"  # a later file wins, whatever spelling
+    assert (settings.sqs.wait_time, settings.sqs.visibility) == (5, 120.0)
+    assert settings.local.rescan == 1.0
+    assert settings.pubsub.ack_deadline == 60
+
+
+def test_backend_settings_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main = write(tmp_path / "agent.yaml", "rabbitmq:\n  url: amqp://file/\n")
+    monkeypatch.setenv("AMQP_URL", "amqp://go-runner/")
+    assert load_settings(main).rabbitmq.url == "amqp://go-runner/"
+    monkeypatch.setenv("STUDIO_AGENT_AMQP_URL", "amqp://flat/")
+    assert load_settings(main).rabbitmq.url == "amqp://flat/"
+    monkeypatch.setenv("STUDIO_AGENT_RABBITMQ__URL", "amqp://section/")
+    monkeypatch.setenv("STUDIO_AGENT_SQS__WAIT_TIME", "7")
+    settings = load_settings(main)
+    assert (settings.rabbitmq.url, settings.sqs.wait_time) == ("amqp://section/", 7)
+    monkeypatch.setenv("STUDIO_AGENT_SQS__WAIT_TIME", "30")
+    with pytest.raises(ConfigError, match=r"STUDIO_AGENT_SQS__WAIT_TIME: sqs\.wait_time"):
+        load_settings(main)
+    monkeypatch.delenv("STUDIO_AGENT_SQS__WAIT_TIME")
+    monkeypatch.setenv("STUDIO_AGENT_SQS__WAIT_TYME", "7")
+    with pytest.raises(ConfigError, match="STUDIO_AGENT_SQS__WAIT_TYME: unknown key"):
+        load_settings(main)
+
+
+def test_a_bad_section_value_names_its_file_and_line(tmp_path: Path) -> None:
+    main = write(tmp_path / "agent.yaml", "max_concurrent: 1\nsqs:\n  wait_time: 30\n")
+    with pytest.raises(ConfigError, match=rf"{main}:3: sqs.wait_time: "):
+        load_settings(main)
+    write(main, "amqp_url: http://not-amqp/\n")
+    with pytest.raises(ConfigError, match=rf"{main}:1: rabbitmq.url: .*must start with amqp"):
+        load_settings(main)
