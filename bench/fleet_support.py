@@ -165,7 +165,8 @@ def purge(services: Services, queues: dict[str, list[str]]) -> None:
     for name in queues.get("rabbitmq", []):
         services.channel.queue_purge(name)
     for name in queues.get("sqs", []):
-        services.sqs.purge_queue(QueueUrl=services.sqs_urls[name])
+        if queued(services, "sqs", [name]):  # SQS takes one purge a minute per queue
+            services.sqs.purge_queue(QueueUrl=services.sqs_urls[name])
     shutil.rmtree(services.queue_root, ignore_errors=True)
 
 

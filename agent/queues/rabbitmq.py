@@ -28,7 +28,6 @@ Delivery semantics:
 
 import functools
 import logging
-import random
 import ssl
 import time
 import urllib.error
@@ -43,6 +42,7 @@ import pika.exceptions
 
 from agent.queues.base import Delivery, QueueBackend, QueueFilter, count_from
 from agent.queues.journal import Entry, Journal
+from agent.queues.outage import Outage
 from agent.queues.rabbitmq_discovery import (
     fetch_bindings,
     listen_for_events,
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 EVENT_REFRESH_GAP = 1.0  # seconds: a burst of events costs one listing
 ATTEMPTS_HEADER = "x-studio-agent-attempts"
-BACKOFF_MAX = 60.0
 _CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
@@ -104,8 +103,7 @@ class RabbitQueue(QueueBackend):
         self._channel: Any = None
         self._queues: list[str] = []
         self._next_refresh = 0.0
-        self._retry_at = 0.0
-        self._failures = 0
+        self._outage = Outage(log, name)
         self._returns: list[Entry] = []  # messages to publish back once the broker takes them
         self._mgmt_down = False
         self._free = 1  # slots the supervisor could fill now (``capacity``)
@@ -133,13 +131,14 @@ class RabbitQueue(QueueBackend):
         """The open channel, connecting first if needed; None while backing off after a failure."""
         if self._channel is not None and self._channel.is_open:
             return self._channel
-        if time.monotonic() < self._retry_at:
+        if self._outage.waiting():
             return None
         try:
             if self._connection is None or not self._connection.is_open:
                 self._connection = pika.BlockingConnection(self._parameters())
                 log.info("%s: connected to %s", self.name, redact_url(self.amqp_url))
-                self._failures, self.problem = 0, None
+                self._outage.ok()
+                self.problem = None
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
             self._channel.add_on_cancel_callback(self._cancelled_by_broker)
@@ -155,12 +154,9 @@ class RabbitQueue(QueueBackend):
         return self._ensure_channel() is not None
 
     def _lost(self, why: str) -> None:
-        """Forget the connection and back off (capped exponential with full jitter)."""
-        self._failures += 1
+        """Forget the connection and back off; said once per outage."""
         self.problem = why
-        delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
-        self._retry_at = time.monotonic() + delay
-        log.warning("%s: %s; retrying in %.1fs", self.name, why, delay)
+        self._outage.failed(why)
         self._channel = None
         self._channel_reset()
         if self._connection is not None:

@@ -30,7 +30,6 @@ Delivery semantics:
 """
 
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Any, TypeVar
 from agent.errors import ConfigError
 from agent.queues.base import Delivery, QueueBackend, QueueFilter
 from agent.queues.journal import Entry, Journal
+from agent.queues.outage import BACKOFF_MAX, Outage
 from agent.queues.sqs_calls import RETRY as _RETRY
 from agent.queues.sqs_calls import Failed as _Failure
 from agent.queues.sqs_calls import call, new_client
@@ -50,7 +50,6 @@ from agent.report import metrics
 log = logging.getLogger(__name__)
 
 SQS_CAP = 12 * 3600  # the most a message can stay invisible after a receive
-BACKOFF_MAX = 60.0
 RETRY_GAP = 1.0  # seconds between tries of a failed renewal or settlement of one message
 T = TypeVar("T")
 UNSTARTED_MEMORY = 10_000  # message ids whose unstarted return this agent remembers
@@ -89,8 +88,7 @@ class SqsQueue(QueueBackend):
         self._queues: dict[str, str] = {}  # served name -> URL
         self._denied: set[str] = set()
         self._next, self._next_refresh = 0, 0.0
-        self._retry_at, self._failures = 0.0, 0
-        self._outage: str | None = None  # the failure kind already logged; None when healthy
+        self._outage = Outage(log, name)
         self._held: dict[str, SqsDelivery] = {}  # by receipt handle, until settled in SQS
         self._returns: list[Entry] = []  # journal entries SQS could not take back yet
         self._unstarted: dict[str, int] = {}  # message id -> hand-outs given back unstarted
@@ -121,24 +119,17 @@ class SqsQueue(QueueBackend):
     def _call(self, request: Callable[[Any], T]) -> T:
         """``request`` on the loop's client; a success ends an outage."""
         result = self._request(self._sqs(), request)
-        if self._outage is not None:
-            log.info("%s: SQS answers again", self.name)
-        self._outage, self._failures = None, 0
+        self._outage.ok("SQS answers again")
         return result
 
     def _trouble(self, failure: _Failure, what: str) -> None:
-        """Back off from this credential's SQS, logging once per outage."""
-        self._failures += 1
-        delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
-        self._retry_at = time.monotonic() + delay
+        """Back off from this credential's SQS, logging once per kind of trouble."""
         level, why = logging.ERROR, "SQS refused the request"
         if failure.kind == "transient":
             level, why = logging.WARNING, f"SQS at {self.endpoint_url or self.region} failed"
         elif failure.kind in ("credentials", "denied"):
             why = f"SQS refused the credential (access key {self._keys[0]})"
-        level = logging.DEBUG if self._outage == failure.kind else level
-        log.log(level, "%s: %s: %s: %s; retrying with backoff", self.name, what, why, failure.text)
-        self._outage = failure.kind
+        self._outage.failed(f"{what}: {why}: {failure.text}", failure.kind, level)
 
     # -- discovery -------------------------------------------------------------------------------
 
@@ -194,7 +185,7 @@ class SqsQueue(QueueBackend):
         """The receivers' failures logged, and the queue list refreshed when it is due."""
         while self._receiver.failures:
             self._receive_failed(*self._receiver.failures.popleft())
-        if time.monotonic() >= max(self._next_refresh, self._retry_at):
+        if time.monotonic() >= max(self._next_refresh, self._outage.retry_at):
             self._refresh_queues()
 
     def _poll(self, client: Any, url: str, wait: int) -> list[dict[str, Any]]:
@@ -241,7 +232,7 @@ class SqsQueue(QueueBackend):
             if queue not in self._denied:
                 log.error("%s: not allowed to receive from %s: %s", self.name, queue, failure.text)
                 self._denied.add(queue)
-            self.pause(queue, BACKOFF_MAX)
+            self.pause(queue, BACKOFF_MAX)  # listing worked: only this queue waits
         else:
             self._trouble(failure, f"receiving from {queue}")
 
@@ -253,7 +244,7 @@ class SqsQueue(QueueBackend):
         for delivery in list(self._held.values()):
             if now >= delivery.next_try and not self._advance_safely(delivery):
                 break  # SQS is unreachable: one timeout per tick is enough
-        if self._returns and now >= self._retry_at:
+        if self._returns and now >= self._outage.retry_at:
             pending, self._returns = self._returns, []
             self._send_all(pending)
         self._housekeep()

@@ -15,7 +15,6 @@ supervisor's thread; the pollers only back off.
 """
 
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -23,9 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.queues.outage import backoff
 from agent.queues.sqs_calls import Failed
-
-BACKOFF_MAX = 60.0
 
 
 @dataclass
@@ -141,7 +139,7 @@ class Receiver:
     def _failed(self, queue: str, failure: Failed) -> None:
         with self._cond:
             self._failures += 1
-            delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
+            delay = backoff(self._failures)
             self._retry_at = max(self._retry_at, time.monotonic() + delay)
             self.failures.append((queue, failure))
         self._wake()  # the owner logs it from the supervisor's loop
