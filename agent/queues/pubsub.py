@@ -8,7 +8,10 @@
   free slot: flow control by free capacity), on a helper thread so the supervisor's loop never
   waits on the network; subscriptions take turns. The deprecated ``return_immediately`` is not
   used: a pull waits on the server up to ``PULL_WAIT`` and is answered as soon as a message is
-  there. A message that lands after the slot went elsewhere goes back after ``HOLD_GRACE``.
+  there; its end wakes the supervisor (not polled), and a pull that came back empty sooner than
+  ``PULL_GAP`` is not followed by another before it. A message that lands after the slot went
+  elsewhere goes back at once (``capacity``), or after ``HOLD_GRACE`` if nobody takes it.
+  StreamingPull is not used: see the README ("Pub/Sub: why unary pulls").
 - Lease: the tick renews each held message's ack deadline to ``ack_deadline`` once half of the
   current one has passed. Pub/Sub sets no cap on renewals, so no custody journal is needed: ack
   is ``acknowledge`` (a failed one is retried from the tick), requeue ``modify_ack_deadline(0)``.
@@ -24,7 +27,6 @@
 
 import json
 import logging
-import random
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,14 +43,15 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 from agent.errors import ConfigError
 from agent.queues.base import Delivery, QueueBackend, QueueFilter
 from agent.queues.journal import write_atomically as write_atomically
+from agent.queues.outage import BACKOFF_MAX, Outage
 from agent.report import metrics
 
 log = logging.getLogger(__name__)
 
 PULL_WAIT = 3.0  # how long a pull waits on the server for a message
+PULL_GAP = 1.0  # the least time from one pull's start to the next after an empty answer
 RPC_TIMEOUT = 10.0  # every other call
 HOLD_GRACE = 2.0  # a pulled message nobody claims within this goes back
-BACKOFF_MAX = 60.0
 RETENTION = 7 * 86400.0  # Pub/Sub's default message retention: older counts are moot
 SCOPES = ["https://www.googleapis.com/auth/pubsub"]
 _ERRORS = (api.GoogleAPIError, GoogleAuthError, OSError)
@@ -171,6 +174,7 @@ class PubSubDelivery(Delivery):
 
 class PubSubQueue(QueueBackend):
     kind = "pubsub"
+    polls = False  # a pull's end wakes the supervisor
 
     def __init__(
         self,
@@ -201,27 +205,18 @@ class PubSubQueue(QueueBackend):
         self._subs: list[_Sub] = []
         self._next = 0
         self._next_refresh = 0.0
-        self._retry_at = 0.0
-        self._failures = 0
-        self._down = False
+        self._outage = Outage(log, name)
+        self._next_pull = 0.0  # monotonic: no pull before this (after an empty one)
 
     # -- failures ------------------------------------------------------------------------------
 
-    def _outage(self, what: str, exc: BaseException) -> None:
+    def _failed(self, what: str, exc: BaseException) -> None:
         """Back off (capped exponential, full jitter); say so once per outage."""
-        self._failures += 1
-        delay = random.uniform(0, min(BACKOFF_MAX, 0.5 * 2**self._failures))
-        self._retry_at = time.monotonic() + delay
+        self._outage.failed(f"{what} failed: {_describe(exc)}")
         self._next_refresh = 0.0  # after an outage, look at the subscriptions again first
-        level = logging.DEBUG if self._down else logging.WARNING
-        log.log(level, "%s: %s failed: %s; retrying with backoff", self.name, what, _describe(exc))
-        self._down = True
 
     def _ok(self) -> None:
-        if self._down:
-            log.info("%s: Pub/Sub answers again", self.name)
-        self._down = False
-        self._failures = 0
+        self._outage.ok("Pub/Sub answers again")
 
     def _gone(self, sub: _Sub) -> None:
         # Once: a listing that still shows it (eventual consistency) must not repeat the line.
@@ -240,7 +235,7 @@ class PubSubQueue(QueueBackend):
                 )
             )
         except _ERRORS as exc:
-            self._outage(f"listing the subscriptions of project {self.project}", exc)
+            self._failed(f"listing the subscriptions of project {self.project}", exc)
             metrics.record_refresh(self.name or self.kind, ok=False)
             return
         self._ok()
@@ -262,6 +257,11 @@ class PubSubQueue(QueueBackend):
 
     # -- taking --------------------------------------------------------------------------------
 
+    def capacity(self, free: int) -> None:
+        while len(self._ready) > max(0, free):  # pulled, then its slot went elsewhere
+            pulled = self._ready.pop()
+            self._modify(pulled.sub, pulled.message.ack_id, 0)
+
     def receive(self) -> Delivery | None:
         self._collect()
         while self._ready:
@@ -274,7 +274,7 @@ class PubSubQueue(QueueBackend):
 
     def _start_pull(self) -> None:
         now = time.monotonic()
-        if self._pull is not None or now < self._retry_at:
+        if self._pull is not None or self._outage.waiting() or now < self._next_pull:
             return
         for offset in range(len(self._subs)):
             sub = self._subs[(self._next + offset) % len(self._subs)]
@@ -282,6 +282,7 @@ class PubSubQueue(QueueBackend):
                 self._next = (self._next + offset + 1) % len(self._subs)
                 self._pulling = (sub, now)
                 self._pull = self._pool.submit(self._pull_one, sub.path)
+                self._pull.add_done_callback(lambda _done: self.wake())
                 return
 
     def _pull_one(self, path: str) -> list[ReceivedMessage]:
@@ -310,10 +311,12 @@ class PubSubQueue(QueueBackend):
             self.pause(sub.name, BACKOFF_MAX)
             return
         except _ERRORS as exc:
-            self._outage(f"pulling from {sub.name}", exc)
+            self._failed(f"pulling from {sub.name}", exc)
             return
         self._ok()
         now = time.monotonic()
+        if not received:
+            self._next_pull = started + PULL_GAP  # an emulator answers an empty pull at once
         self._ready.extend(_Pulled(sub, started, message, now) for message in received)
 
     def _hand_out(self, pulled: _Pulled) -> PubSubDelivery:
@@ -340,7 +343,7 @@ class PubSubQueue(QueueBackend):
                     self.acknowledge(lease)
                 else:
                     self.renew(lease, self.ack_deadline)
-        if now >= max(self._next_refresh, self._retry_at):
+        if now >= self._next_refresh and not self._outage.waiting():
             self._refresh()
 
     def renew(self, lease: _Lease, seconds: int) -> None:
@@ -364,7 +367,7 @@ class PubSubQueue(QueueBackend):
             why = f"a message from {lease.sub.name} could not be acknowledged ({_describe(exc)})"
             log.warning("%s: %s: it may be handed out again", self.name, why)
         except _ERRORS as exc:
-            self._outage(f"acknowledging a message from {lease.sub.name}", exc)
+            self._failed(f"acknowledging a message from {lease.sub.name}", exc)
             lease.due = time.monotonic() + 1.0
             return
         else:
@@ -396,7 +399,7 @@ class PubSubQueue(QueueBackend):
             self._held.pop(ack_id, None)
             return False
         except _ERRORS as exc:
-            self._outage(f"setting an ack deadline on {sub.name}", exc)
+            self._failed(f"setting an ack deadline on {sub.name}", exc)
             return False
         self._ok()
         return True
