@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from agent.errors import ConfigError
-from agent.settings_types import Duration, default_queue_root
+from agent.settings_types import Duration, ExistingFile, default_queue_root
 
 FLAT_ALIASES: dict[str, tuple[str, str]] = {
     "queue_root": ("local", "root"),
@@ -37,7 +37,7 @@ class LocalSettings(_Section):
 class RabbitSettings(_Section):
     url: str = ""  # a broker of the config's own (credentials in the certs dir add others)
     mgmt_url: str = ""  # its management API; empty: the Go runner's rule (port + 10000)
-    ca_file: Path | None = None  # CA bundle for amqps:// and an https management API
+    ca_file: ExistingFile | None = None  # CA bundle for amqps:// and an https management API
     refresh: Duration = 30.0  # how often the queue list is read (and on the broker's events)
 
     @field_validator("url", "mgmt_url")
@@ -46,13 +46,6 @@ class RabbitSettings(_Section):
         allowed = ("amqp://", "amqps://") if info.field_name == "url" else ("http", "https")
         if value and not value.startswith(allowed):
             raise ValueError(f"must start with {' or '.join(allowed)}")
-        return value
-
-    @field_validator("ca_file")
-    @classmethod
-    def _readable_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
         return value
 
 

@@ -37,7 +37,15 @@ from agent.queue_settings import (
     SqsSettings,
     fold_aliases,
 )
-from agent.settings_types import IMAGE_SOURCES, Duration, ImageSource, Regex, Size, home
+from agent.settings_types import (
+    IMAGE_SOURCES,
+    Duration,
+    ExistingFile,
+    ImageSource,
+    Regex,
+    Size,
+    home,
+)
 from agent.units import parse_duration, parse_size
 
 DEFAULT_CONFIG = Path("/etc/studio-agent/agent.yaml")
@@ -114,7 +122,7 @@ class Settings(BaseSettings):
     rabbitmq: RabbitSettings = Field(default_factory=RabbitSettings)
     sqs: SqsSettings = Field(default_factory=SqsSettings)
     pubsub: PubSubSettings = Field(default_factory=PubSubSettings)
-    s3_ca_bundle: Path | None = None
+    s3_ca_bundle: ExistingFile | None = None
     s3_verify: bool = True
     # host[:port] of the S3 servers a message may name; empty: any but link-local addresses
     s3_endpoints: list[str] = Field(default_factory=list)
@@ -173,13 +181,6 @@ class Settings(BaseSettings):
     def _flat_aliases(cls, data: Any) -> Any:
         """``amqp_url=...`` given directly (tests, overrides) fills its section."""
         return fold_aliases(data, override=True) if isinstance(data, dict) else data
-
-    @field_validator("s3_ca_bundle")
-    @classmethod
-    def _readable_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
 
     @property
     def effective_work_dir(self) -> Path:

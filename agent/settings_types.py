@@ -18,9 +18,16 @@ def _regex(value: str) -> str:
     return value
 
 
+def _existing_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 Regex = Annotated[str, AfterValidator(_regex)]
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]  # a CA bundle, say
 ImageSource = Literal["docker", "library", "oras", "shub", "s3", "file"]
 IMAGE_SOURCES: tuple[ImageSource, ...] = ("docker", "library", "oras", "shub", "s3", "file")
 
