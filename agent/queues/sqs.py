@@ -29,6 +29,7 @@ Delivery semantics:
   capped exponential with full jitter.
 """
 
+import contextlib
 import logging
 import time
 import uuid
@@ -100,6 +101,7 @@ class SqsQueue(QueueBackend):
             lambda queue: not self.paused(queue) and queue not in self._denied,
             lambda: self.wake(),
             wait_time,
+            self._release_late,
         )
 
     # -- calls and failures ----------------------------------------------------------------------
@@ -204,6 +206,11 @@ class SqsQueue(QueueBackend):
         messages = reply.get("Messages") or []
         return [m for m in messages if isinstance(m, dict)]
 
+    def _release_late(self, client: Any, received: Received) -> None:
+        """On a receiver thread, after close: visible again at once, or when its lease lapses."""
+        with contextlib.suppress(_Failure):
+            self._make_visible(client, received)
+
     def _give_back_unstarted(self, received: Received) -> None:
         """A message received with no slot left for it: visible again at once, and its
         hand-out not counted if it comes back to this agent."""
@@ -211,16 +218,20 @@ class SqsQueue(QueueBackend):
         if len(self._unstarted) >= UNSTARTED_MEMORY:
             self._unstarted.clear()
         self._unstarted[message_id] = self._unstarted.get(message_id, 0) + 1
-        receipt = received.message.get("ReceiptHandle")
         try:
-            self._call(
-                lambda c: c.change_message_visibility(
-                    QueueUrl=received.url, ReceiptHandle=receipt, VisibilityTimeout=0
-                )
-            )
+            self._make_visible(self._sqs(), received)
         except _Failure as failure:
             why = f"back when its lease lapses ({failure.text})"
             log.warning("%s: unstarted message %s comes %s", self.name, message_id, why)
+
+    def _make_visible(self, client: Any, received: Received) -> None:
+        receipt = received.message.get("ReceiptHandle")
+        self._request(
+            client,
+            lambda c: c.change_message_visibility(
+                QueueUrl=received.url, ReceiptHandle=receipt, VisibilityTimeout=0
+            ),
+        )
 
     def _receive_failed(self, queue: str, failure: _Failure) -> None:
         if failure.kind == "queue_gone":

@@ -45,9 +45,11 @@ class Receiver:
         may_poll: Callable[[str], bool],
         wake: Callable[[], None],
         wait: int,
+        release: Callable[[Any, Received], None],
     ) -> None:
         self._poll, self._new_client, self._queues = poll, new_client, queues
         self._may_poll, self._wake, self.wait = may_poll, wake, wait
+        self._release = release  # gives back, on a poller's client, what came in after stop
         self.arrived: deque[Received] = deque()
         self.failures: deque[tuple[str, Failed]] = deque()
         self._cond = threading.Condition()
@@ -111,13 +113,18 @@ class Receiver:
                 self._failed(queue, failure)
                 messages = []
             now = time.monotonic()
+            received = [Received(queue, url, m, now) for m in messages]
             with self._cond:
                 if messages:
                     self._failures = 0
                 self._polling.discard(queue)
-                self.arrived.extend(Received(queue, url, m, now) for m in messages)
+                late = self._stopped
+                if not late:
+                    self.arrived.extend(received)
                 self._cond.notify_all()
-            if messages:
+            for message in received if late else ():
+                self._release(client, message)  # nobody will take it: visible again at once
+            if received and not late:
                 self._wake()
 
     def _next_poll(self) -> tuple[str, str, int] | None:
