@@ -115,7 +115,10 @@ def test_without_the_ca_the_broker_is_refused_and_nothing_runs(
     """
     queue = f"rmq_tls_noca_{refused_by}"
     mgmt = rabbitmq.mgmt_https_url if refused_by == "management" else rabbitmq.mgmt_url
-    lay = tls_layout(layout, queue, amqp_url=rabbitmq.amqps_url, amqp_mgmt_url=mgmt)
+    # At debug level, so that the reconnections said once at WARNING show all the same.
+    lay = tls_layout(
+        layout, queue, amqp_url=rabbitmq.amqps_url, amqp_mgmt_url=mgmt, log_level="debug"
+    )
     runs = tmp_path / "runs"
     request = submit_rmq(rabbitmq, lay, COUNTED, str(runs), "0", queue=queue)
     earlier = tls_connection_names(rabbitmq)
@@ -126,9 +129,12 @@ def test_without_the_ca_the_broker_is_refused_and_nothing_runs(
         agent.wait_for_log(f"serving queues {queue}")
         expected = f"cannot connect to amqps://guest:***@127.0.0.1:{rabbitmq.amqps_port}/%2f"
     wait_until(lambda: refusals(agent.log()), what="a certificate refusal logged by the agent")
-    if refused_by == "amqp":  # each reconnection attempt is logged; a management outage once
+    if refused_by == "amqp":  # the agent keeps trying to reconnect ...
         wait_until(lambda: len(refusals(agent.log())) >= 2, what="a second refusal")
     time.sleep(3)  # several refresh and reconnection rounds, all refused
+    said = [line for line in refusals(agent.log()) if " DEBUG " not in line]
+    for what in ("management API", "cannot connect"):  # ... and says each once, not every try
+        assert len([line for line in said if what in line]) <= 1, said
     assert agent.proc.poll() is None  # refused, not crashed
     assert agent.stop() == 0
     log = agent.log()
