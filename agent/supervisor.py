@@ -370,6 +370,7 @@ class Supervisor:
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
         )
         self.jobs[id(job)] = job
+        self._next_status = 0.0
         text = f"experiment {request.key} from {where}: starting (attempt {attempts})"
         self.events.emit(
             Event(
@@ -409,6 +410,7 @@ class Supervisor:
             except queue.Empty:
                 return
             self.jobs.pop(id(job), None)
+            self._next_status = 0.0  # studio-agent status shows it at once, not within 2 s
             if job.thread is not None:
                 job.thread.join()
             # After the worker thread, so after kill_tree: the cards are free of its processes.

@@ -45,8 +45,10 @@ import json, os, sys, time
 names = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
 seen = {name: os.environ.get(name) for name in names}
 print("gpu env", json.dumps(seen), flush=True)
-with open(os.path.join(sys.argv[1], os.environ["STUDIOML_EXPERIMENT"] + ".json"), "w") as out:
+path = os.path.join(sys.argv[1], os.environ["STUDIOML_EXPERIMENT"] + ".json")
+with open(path + ".tmp", "w") as out:  # renamed into place: the test waits for the name
     json.dump(seen, out)
+os.replace(path + ".tmp", path)
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.05)
 print("released")
