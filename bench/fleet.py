@@ -20,8 +20,6 @@ Usage: ``python bench/fleet.py [--agents 1,10,30] [--runs 3] [--experiments 1000
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import shutil
 import signal
@@ -34,45 +32,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
-from fleet_support import (
-    ROOT,
-    TICKS,
-    Agent,
-    Messages,
-    Services,
-    agent_config,
-    create_queues,
-    land,
-    moto_requests,
-    proc_ticks,
-    purge,
-    queue_names,
-    queued,
-    rabbit_counters,
-    rss_mib,
-    send,
-    served_name,
-    service_ticks,
-    start_agent,
-    start_services,
-    starting_times,
-    stop_all,
-    wait_all,
-    withdraw,
-)
-
-from agent import __version__
+import fleet_support as fs
+from fleet_report import BASELINE, CURRENT, KINDS, Results, Samples, header, report
+from fleet_support import Agent
 
 BROKERS = ("rabbitmq", "sqs", "pubsub")
-CURRENT, BASELINE = "this tree", "baseline"
 SETTLE = 2.0  # after a drain, how long a late duplicate has to show up
-TARGET_AGENTS, TARGET_QUEUES = 1000, 10  # the extrapolation
-MONTH_MIN = 30 * 24 * 60
-SQS_PRICE = 0.40 / 1e6  # dollars per request
-Samples = dict[str, list[float]]  # "<phase>.<metric>" -> one value per window or run
 STARTED = time.monotonic()
 
 
@@ -84,9 +51,9 @@ def progress(text: str) -> None:
 class Bench:
     options: argparse.Namespace
     root: Path
-    services: Services
-    messages: Messages
-    codes: dict[str, Path | None]  # version -> the code its agents run (None: this tree)
+    services: fs.Services
+    messages: fs.Messages
+    codes: dict[str, Path]  # version -> the code its agents run (on PYTHONPATH)
     queues: dict[str, list[str]]
 
 
@@ -103,14 +70,14 @@ def fleet(bench: Bench, version: str, count: int) -> Iterator[list[Agent]]:
             home = root / f"agent{index:02d}"
             home.mkdir(parents=True)
             cache, store = bench.root / f"cache-{slug}", bench.messages.store
-            config = agent_config(bench.services, home, cache, bench.options.slots, store)
-            agents.append(start_agent(home, config, bench.codes[version]))
-        wait_all(agents, lambda agent: "studio-agent ready" in agent.text(), "ready line")
+            config = fs.agent_config(bench.services, home, cache, bench.options.slots, store)
+            agents.append(fs.start_agent(home, config, bench.codes[version]))
+        fs.wait_all(agents, lambda agent: "studio-agent ready" in agent.text(), "ready line")
         yield agents
     finally:
-        stop_all(agents)
+        fs.stop_all(agents)
         shutil.rmtree(root, ignore_errors=True)
-        purge(bench.services, bench.queues)
+        fs.purge(bench.services, bench.queues)
 
 
 def serving(queue: str) -> Callable[[Agent], bool]:
@@ -135,11 +102,11 @@ def subscribe(bench: Bench, agents: list[Agent], kinds: Sequence[str]) -> None:
                 (bench.services.queue_root / name).mkdir(parents=True, exist_ok=True)
         else:
             for agent in agents:
-                land(bench.services, agent.certs, kind)
+                fs.land(bench.services, agent.certs, kind)
     for kind in kinds:
         if kind != "local":
-            last = served_name(kind, bench.queues[kind][-1])
-            wait_all(agents, serving(last), f"'serving ... {last}'")
+            last = fs.served_name(kind, bench.queues[kind][-1])
+            fs.wait_all(agents, serving(last), f"'serving ... {last}'")
     time.sleep(bench.options.warmup)
 
 
@@ -147,9 +114,9 @@ def unsubscribe(bench: Bench, agents: list[Agent], kinds: Sequence[str]) -> None
     offsets = {id(agent): agent.log.stat().st_size for agent in agents}
     for kind in kinds:
         for agent in agents:
-            withdraw(agent.certs, kind)
+            fs.withdraw(agent.certs, kind)
     for kind in kinds:
-        wait_all(agents, closed(kind, offsets), f"'{kind} backend closed'")
+        fs.wait_all(agents, closed(kind, offsets), f"'{kind} backend closed'")
 
 
 # -- idle --------------------------------------------------------------------------------------
@@ -165,11 +132,11 @@ class Snapshot:
     services: dict[str, int]  # CPU ticks
 
 
-def snapshot(services: Services, agents: list[Agent]) -> Snapshot:
-    polls, packets = rabbit_counters(services.broker)
-    ticks = sum(proc_ticks(agent.proc.pid) for agent in agents)
-    requests = moto_requests(services.moto_log)
-    return Snapshot(time.monotonic(), ticks, polls, packets, requests, service_ticks(services))
+def snapshot(services: fs.Services, agents: list[Agent]) -> Snapshot:
+    polls, packets = fs.rabbit_counters(services.broker)
+    ticks = sum(fs.proc_ticks(agent.proc.pid) for agent in agents)
+    requests = fs.moto_requests(services.moto_log)
+    return Snapshot(time.monotonic(), ticks, polls, packets, requests, fs.service_ticks(services))
 
 
 def idle_window(bench: Bench, agents: list[Agent]) -> dict[str, float]:
@@ -180,14 +147,14 @@ def idle_window(bench: Bench, agents: list[Agent]) -> dict[str, float]:
     seconds, count = after.at - before.at, len(agents)
     packets = sum(n - before.packets[c] for c, n in after.packets.items() if c in before.packets)
     values = {
-        "cpu": 100 * (after.agents - before.agents) / TICKS / seconds / count,
-        "rss": statistics.mean(rss_mib(agent.proc.pid) for agent in agents),
+        "cpu": 100 * (after.agents - before.agents) / fs.TICKS / seconds / count,
+        "rss": statistics.mean(fs.rss_mib(agent.proc.pid) for agent in agents),
         "polls": (after.polls - before.polls) / seconds / count,
         "packets": packets / seconds / count,
         "sqs": (after.requests - before.requests) / seconds * 60 / count / bench.options.queues,
     }
     for name, ticks in after.services.items():
-        values[name] = 100 * (ticks - before.services[name]) / TICKS / seconds
+        values[name] = 100 * (ticks - before.services[name]) / fs.TICKS / seconds
     return values
 
 
@@ -220,7 +187,7 @@ def check_alive(agents: list[Agent]) -> None:
 
 
 def settled(bench: Bench, agents: list[Agent], kind: str) -> bool:
-    return not any(a.held() for a in agents) and not queued(
+    return not any(a.held() for a in agents) and not fs.queued(
         bench.services, kind, bench.queues[kind]
     )
 
@@ -245,20 +212,26 @@ def enqueue_all(bench: Bench, kind: str, tag: str, count: int) -> tuple[Path, di
     sent = {}
     for (key, queue), body in zip(keys, bodies, strict=True):
         sent[key] = time.time()
-        send(bench.services, kind, queue, body)
+        fs.send(bench.services, kind, queue, body)
     return lines, sent
 
 
 def drain(bench: Bench, agents: list[Agent], kind: str, tag: str, count: int) -> dict[str, float]:
+    """``count`` experiments at once: drain time, pickups, CPU per experiment, runs counted."""
+    before = snapshot(bench.services, agents)
     lines, sent = enqueue_all(bench, kind, tag, count)
     if not wait_drained(bench, agents, kind, lines, set(sent)):
         progress(f"  {tag}: not drained in time")
     seconds = time.time() - min(sent.values())
+    after = snapshot(bench.services, agents)
+    broker = before.services["broker_cpu"], after.services["broker_cpu"]
     time.sleep(SETTLE)
     starts = read_starts(lines)
     pickups = [1000 * (min(starts[k]) - t) for k, t in sent.items() if k in starts] or [0.0]
     return {
         "drain": seconds,
+        "agent_cpu": 1000 * (after.agents - before.agents) / fs.TICKS / count,
+        "broker_cpu": 1000 * (broker[1] - broker[0]) / fs.TICKS / count,
         "p50": statistics.median(pickups),
         "p99": statistics.quantiles(pickups, n=100, method="inclusive")[98],
         "duplicates": sum(len(times) - 1 for key, times in starts.items() if key in sent),
@@ -268,16 +241,20 @@ def drain(bench: Bench, agents: list[Agent], kind: str, tag: str, count: int) ->
 
 def trickle(bench: Bench, agents: list[Agent], kind: str, tag: str) -> dict[str, float]:
     """Experiments one at a time onto the idle fleet: pickup with a free slot."""
-    free, taken = [], []
+    sent: dict[str, float] = {}
+    started: dict[str, float] = {}
     for index in range(bench.options.trickle):
         time.sleep(random.uniform(0.1, 0.3))  # off any poll's rhythm
-        lines, sent = enqueue_all(bench, kind, f"{tag}-{index:03d}", 1)
-        [(key, at)] = sent.items()
-        if not wait_drained(bench, agents, kind, lines, {key}):
-            raise RuntimeError(f"{key}: not run within a minute")
-        free.append(1000 * (read_starts(lines)[key][0] - at))
-        taken.append(1000 * (starting_times(agents)[key] - at))
-    return {"free": statistics.median(free), "taken": statistics.median(taken)}
+        lines, one = enqueue_all(bench, kind, f"{tag}-{index:03d}", 1)
+        if not wait_drained(bench, agents, kind, lines, set(one)):
+            raise RuntimeError(f"{tag}-{index:03d}: not run within a minute")
+        sent |= one
+        started |= {key: times[0] for key, times in read_starts(lines).items()}
+    logged = fs.starting_times(agents)
+    return {
+        "free": statistics.median(1000 * (started[k] - t) for k, t in sent.items()),
+        "taken": statistics.median(1000 * (logged[k] - t) for k, t in sent.items() if k in logged),
+    }
 
 
 def measure_busy(bench: Bench, agents: list[Agent], kind: str, tag: str) -> Samples:
@@ -292,9 +269,9 @@ def measure_busy(bench: Bench, agents: list[Agent], kind: str, tag: str) -> Samp
     return samples
 
 
-def measure_fleet(bench: Bench, version: str, count: int) -> Samples:
+def measure_fleet(bench: Bench, version: str, count: int, samples: Samples) -> None:
+    """Idle with RabbitMQ only, idle with every kind, then busy; ``samples`` fills as it goes."""
     progress(f"{version}: {count} agent(s)")
-    samples: Samples = {}
     with fleet(bench, version, count) as agents:
         subscribe(bench, agents, ["rabbitmq"])
         samples |= measure_idle(bench, agents, "rmq")
@@ -304,145 +281,6 @@ def measure_fleet(bench: Bench, version: str, count: int) -> Samples:
         for kind in bench.options.busy:
             tag = f"{version.replace(' ', '')}-{count}-{kind}"
             samples |= measure_busy(bench, agents, kind, tag)
-    return samples
-
-
-# -- reporting ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    key: str  # "<phase>.<metric>"
-    label: str
-    unit: str
-    goal: str = ""
-    meets: Callable[[float], bool] | None = None
-
-
-IDLE = (
-    ("idle, 50 RabbitMQ queues per agent", "rmq"),
-    ("idle, 50 queues per agent of each kind: local, RabbitMQ, SQS, Pub/Sub", "all"),
-)
-
-
-def idle_rows(phase: str) -> list[Row]:
-    rows = [
-        Row(f"{phase}.cpu", "agent CPU, per agent", "% core"),
-        Row(f"{phase}.rss", "agent RSS, per agent", "MiB"),
-        Row(f"{phase}.polls", "RabbitMQ basic.get, per agent", "/s"),
-        Row(f"{phase}.packets", "RabbitMQ packets in at the broker, per agent", "/s"),
-        Row(f"{phase}.broker_cpu", "RabbitMQ node CPU (whole node)", "% core"),
-    ]
-    if phase == "rmq":
-        rows[0] = Row("rmq.cpu", rows[0].label, rows[0].unit, "<= 0.5", lambda v: v <= 0.5)
-        rows[2] = Row("rmq.polls", rows[2].label, "/s", "0, heartbeats only", lambda v: v == 0)
-    else:
-        rows += [
-            Row(
-                "all.sqs", "SQS requests at moto, per idle queue", "/min", "<= 3", lambda v: v <= 3
-            ),
-            Row("all.moto_cpu", "moto CPU (SQS)", "% core"),
-            Row("all.emulator_cpu", "Pub/Sub emulator CPU (it logs no requests)", "% core"),
-        ]
-    return rows
-
-
-def busy_rows(kind: str, experiments: int) -> list[Row]:
-    free = Row(f"{kind}.free", "one at a time: enqueue -> experiment start", "ms p50")
-    if kind in ("local", "rabbitmq"):
-        free = Row(free.key, free.label, free.unit, "<= 20", lambda v: v <= 20)
-    return [
-        free,
-        Row(f"{kind}.taken", "  of which enqueue -> 'starting' logged", "ms p50"),
-        Row(f"{kind}.drain", f"{experiments} at once: drain time", "s"),
-        Row(f"{kind}.p50", "  pickup (enqueue -> experiment start)", "ms p50"),
-        Row(f"{kind}.p99", "  pickup (enqueue -> experiment start)", "ms p99"),
-        Row(
-            f"{kind}.duplicates", "  duplicates (runs beyond the first)", "", "0", lambda v: v == 0
-        ),
-        Row(f"{kind}.lost", "  lost (never run)", "", "0", lambda v: v == 0),
-    ]
-
-
-def fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
-
-
-def figure(samples: Samples | None, key: str) -> float | None:
-    values = (samples or {}).get(key)
-    return statistics.median(values) if values else None
-
-
-def line(label: str, unit: str, ours: float | None, base: float | None, goal: str = "") -> str:
-    ratio = f"{ours / base:.2f}x" if ours is not None and base else "-"
-    return f"{label:<52} {unit:<7} {fmt(ours):>11} {fmt(base):>11} {ratio:>8}  {goal}".rstrip()
-
-
-def section(results: dict[tuple[str, int], Samples], title: str, rows: list[Row]) -> list[str]:
-    out = [title]
-    for count in sorted({count for _, count in results}):
-        ours, base = results.get((CURRENT, count)), results.get((BASELINE, count))
-        for index, row in enumerate(rows):
-            value = figure(ours, row.key)
-            verdict = ""
-            if row.meets is not None and value is not None:
-                verdict = f"{row.goal}: {'pass' if row.meets(value) else 'FAIL'}"
-            name = f"  {count:>2} agent(s)  " if index == 0 else " " * 16
-            out.append(line(name + row.label, row.unit, value, figure(base, row.key), verdict))
-    return out
-
-
-def extrapolate(samples: Samples | None, queues: int) -> list[float | None]:
-    """1,000 agents x 10 queues: polls scale with queues, other packets with agents."""
-    polls, packets, sqs = (figure(samples, k) for k in ("rmq.polls", "rmq.packets", "all.sqs"))
-    pairs = TARGET_AGENTS * TARGET_QUEUES
-    rmq = polls / queues * pairs if polls is not None else None
-    frames = (packets - polls) * TARGET_AGENTS + rmq if packets is not None and rmq else rmq
-    month = sqs * pairs * MONTH_MIN if sqs is not None else None
-    return [rmq, frames, month / 1e6 if month else month, month * SQS_PRICE if month else month]
-
-
-def extrapolation(results: dict[tuple[str, int], Samples], queues: int) -> list[str]:
-    out = [f"extrapolated to {TARGET_AGENTS:,} agents x {TARGET_QUEUES} queues of each kind"]
-    labels = (
-        ("RabbitMQ basic.get at the broker", "/s"),
-        ("RabbitMQ packets in at the broker", "/s"),
-        ("SQS requests (30-day month)", "M/month"),
-        ("SQS cost at $0.40 per million requests", "$/month"),
-    )
-    for count in sorted({count for _, count in results}):
-        ours = extrapolate(results.get((CURRENT, count)), queues)
-        base = extrapolate(results.get((BASELINE, count)), queues)
-        for index, (label, unit) in enumerate(labels):
-            name = f"  from {count:>2} agent(s)  " if index == 0 else " " * 20
-            out.append(line(name + label, unit, ours[index], base[index]))
-    return out
-
-
-def report(results: dict[tuple[str, int], Samples], options: argparse.Namespace) -> str:
-    head = f"{'':<52} {'unit':<7} {CURRENT:>11} {BASELINE:>11} {'ratio':>8}  goal"
-    lines = [head]
-    for title, phase in IDLE:
-        lines += section(results, title, idle_rows(phase))
-    for kind in options.busy:
-        title = f"busy, {kind} queues ({options.trickle} one at a time, then {options.experiments})"
-        lines += section(results, title, busy_rows(kind, options.experiments))
-    lines += extrapolation(results, options.queues)
-    return "\n".join(lines)
-
-
-def header(options: argparse.Namespace, baseline: str) -> str:
-    return (
-        f"studio-agent {__version__}: Python {platform.python_version()}, "
-        f"{len(os.sched_getaffinity(0))} CPUs, {platform.platform()}; {date.today()}\n"
-        f"fleets of {options.agents} agent(s), max_concurrent {options.slots}, "
-        f"{options.queues} queues per kind; idle: {options.runs} windows of {options.window:g} s "
-        f"after {options.warmup:g} s; busy: {options.runs} runs; medians. baseline: {baseline}\n"
-        "RabbitMQ figures from its management API (basic.get counters, connections' recv_cnt); "
-        "SQS: request lines in moto's log; Pub/Sub: the emulator's CPU only."
-    )
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -450,35 +288,55 @@ def header(options: argparse.Namespace, baseline: str) -> str:
 
 def add_worktree(root: Path, revision: str, stack: ExitStack) -> Path:
     """The baseline's code: a detached worktree, removed on the way out."""
-    git = ["git", "-C", str(ROOT), "worktree"]
+    git = ["git", "-C", str(fs.ROOT), "worktree"]
     subprocess.run([*git, "add", "--detach", "-q", str(root), revision], check=True)
     stack.callback(subprocess.run, [*git, "prune"], check=False)
     stack.callback(subprocess.run, [*git, "remove", "--force", str(root)], check=False)
     return root
 
 
+def versions(options: argparse.Namespace) -> str:
+    def describe(*args: str) -> str:
+        git = ["git", "-C", str(fs.ROOT), *args]
+        return subprocess.run(git, capture_output=True, text=True).stdout.strip() or "?"
+
+    ours = f"this tree: {describe('describe', '--always', '--dirty=+changes')}"
+    if options.skip_baseline:
+        return f"{ours}, no baseline"
+    return f"{ours}, baseline: {describe('rev-parse', '--short', options.baseline)}"
+
+
 def make_bench(root: Path, options: argparse.Namespace, stack: ExitStack) -> Bench:
-    codes: dict[str, Path | None] = {CURRENT: None}
+    # A copy of this tree's agent/, so that edits made while the bench runs do not reach it.
+    shutil.copytree(
+        fs.ROOT / "agent", root / "current" / "agent", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    codes = {CURRENT: root / "current"}
     if not options.skip_baseline:
         codes[BASELINE] = add_worktree(root / "baseline", options.baseline, stack)
     progress("starting RabbitMQ, moto and the Pub/Sub emulator")
-    services = start_services(root / "services", stack)
-    queues = {kind: queue_names(kind, options.queues) for kind in ("local", *BROKERS)}
+    services = fs.start_services(root / "services", stack)
+    queues = {kind: fs.queue_names(kind, options.queues) for kind in ("local", *BROKERS)}
     for kind in BROKERS:
-        create_queues(services, kind, queues[kind])
-    return Bench(options, root, services, Messages(root), codes, queues)
+        fs.create_queues(services, kind, queues[kind])
+    return Bench(options, root, services, fs.Messages(root), codes, queues)
 
 
-def sizes(text: str) -> list[int]:
+def counts(text: str) -> list[int]:
     values = [int(part) for part in text.split(",") if part.strip()]
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of positive counts")
     return values
 
 
+def positive(text: str) -> int:
+    [value] = counts(text)
+    return value
+
+
 def kinds(text: str) -> list[str]:
     chosen = [part.strip() for part in text.split(",") if part.strip()]
-    if not chosen or set(chosen) - {"local", "rabbitmq", "sqs"}:
+    if not chosen or set(chosen) - set(KINDS):
         raise argparse.ArgumentTypeError(f"{text!r}: some of local, rabbitmq, sqs")
     return chosen
 
@@ -486,18 +344,21 @@ def kinds(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--agents", type=sizes, default=[1, 10, 30], help="fleet sizes (1,10,30)")
-    add("--runs", type=int, default=3, help="idle windows and busy runs per fleet (3)")
-    add("--experiments", type=int, default=1000, help="experiments per drain (1000)")
-    add("--trickle", type=int, default=20, help="experiments sent one at a time per run (20)")
+    add("--agents", type=counts, default=[1, 10, 30], help="fleet sizes (1,10,30)")
+    add("--runs", type=positive, default=3, help="idle windows and busy runs per fleet (3)")
+    add("--experiments", type=positive, default=1000, help="experiments per drain (1000)")
+    add("--trickle", type=positive, default=20, help="experiments sent one at a time per run (20)")
     add("--busy", type=kinds, default=["local", "rabbitmq"], help="kinds to drain (local,rabbitmq)")
-    add("--queues", type=int, default=50, help="queues per kind (50)")
-    add("--slots", type=int, default=2, help="max_concurrent of each agent (2)")
+    add("--queues", type=positive, default=50, help="queues per kind (50)")
+    add("--slots", type=positive, default=2, help="max_concurrent of each agent (2)")
     add("--window", type=float, default=15.0, help="seconds per idle window (15)")
     add("--warmup", type=float, default=5.0, help="seconds after subscribing, before windows (5)")
     add("--baseline", default="0ecc094", help="revision of the previous queue code (0ecc094)")
     add("--skip-baseline", action="store_true", help="measure this tree only")
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    if options.experiments < 2:
+        parser.error("--experiments must be at least 2 (for the p99)")
+    return options
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -507,16 +368,19 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    results: dict[tuple[str, int], Samples] = {}
-    with tempfile.TemporaryDirectory(prefix="studio-agent-fleet-") as tmp, ExitStack() as stack:
-        bench = make_bench(Path(tmp), options, stack)
-        for count in options.agents:
-            for version in bench.codes:
-                results[version, count] = measure_fleet(bench, version, count)
-        progress("stopping the services")
-    baseline = "skipped" if options.skip_baseline else options.baseline
-    print(header(options, baseline))
-    print(report(results, options))
+    results: Results = {}
+    described = versions(options)  # before the copy of agent/ that the agents of this tree run
+    try:
+        with tempfile.TemporaryDirectory(prefix="studio-agent-fleet-") as tmp, ExitStack() as stack:
+            bench = make_bench(Path(tmp), options, stack)
+            for count in options.agents:
+                for version in bench.codes:
+                    measure_fleet(bench, version, count, results.setdefault((version, count), {}))
+            progress("stopping the services")
+    finally:  # what was measured is printed even when a later fleet failed
+        print(f"command: {' '.join(sys.argv)}")
+        print(header(options, described))
+        print(report(results, options))
     return 0
 
 
