@@ -9,12 +9,15 @@ Delivery semantics:
 - One long-lived connection per broker with heartbeats, serviced from the supervisor's tick, so
   every call (consume, ack, publish) happens on the thread that owns the connection; its socket
   is in the supervisor's select (``fileno``), so a delivery wakes the agent at once.
-- Push, not poll: a consumer (``basic.consume``) on every served queue while the agent has a free
-  slot, under one channel-wide prefetch equal to the free slots (``capacity``), so the broker
-  never hands this agent more than it can start. Taking a delivery lowers the prefetch (or, at
-  none free, cancels the consumers) before the ack that would free its credit; a delivery
-  still unstarted when the slots are gone goes back at once (``basic.nack``). An idle agent
-  costs the broker its heartbeats only.
+- Push, not poll: while the queues are idle, a consumer (``basic.consume``) on every served queue
+  while the agent has a free slot, under one channel-wide prefetch equal to the free slots
+  (``capacity``), so the broker never hands this agent more than it can start. Taking a
+  delivery lowers the prefetch before the ack that would free its credit; a delivery still
+  unstarted when the slots are gone goes back at once (``basic.nack``). An idle agent costs the
+  broker its heartbeats only. While they are busy (once a delivery took the last free slot),
+  cancelling and registering 50 consumers for every experiment would cost the broker more than
+  it saves: a freed slot takes its next message with ``basic.get`` (round-robin), and only a
+  round that finds every queue empty turns the consumers back on.
 - Custody: a message taken is written to the agent's journal (fsync) and then acknowledged to
   the broker. RabbitMQ closes a channel whose delivery stays unacknowledged past
   ``consumer_timeout`` (30 min by default) and hands the message to someone else while the first
@@ -107,6 +110,10 @@ class RabbitQueue(QueueBackend):
         self._returns: list[Entry] = []  # messages to publish back once the broker takes them
         self._mgmt_down = False
         self._free = 1  # slots the supervisor could fill now (``capacity``)
+        # Busy queues (at start, and after the last free slot was filled): a freed slot asks
+        # with basic.get until a round finds them all empty; then consumers push (docstring).
+        self._draining = True
+        self._next = 0
         self._prefetch = 0  # the channel's prefetch as last set; 0: none set yet
         self._consumers: dict[str, str] = {}  # queue -> consumer tag on the open channel
         self._arrived: deque[tuple[str, Any, Any, bytes]] = deque()  # delivered, not yet taken
@@ -268,7 +275,7 @@ class RabbitQueue(QueueBackend):
             while len(self._arrived) > self._free:  # lost the race for a slot: back at once
                 _queue, method, _properties, _body = self._arrived.pop()
                 channel.basic_nack(method.delivery_tag, requeue=True)
-            wanted = [] if self._free == 0 else self._queues
+            wanted = self._queues if self._free > 0 and not self._draining else []
             for queue in [q for q in self._consumers if q not in wanted or self.paused(q)]:
                 channel.basic_cancel(self._consumers.pop(queue))
             if wanted and self._prefetch != self._free:
@@ -301,14 +308,42 @@ class RabbitQueue(QueueBackend):
             return None
         self._pump()
         if not self._arrived:
-            return None
+            return self._get_one(channel) if self._draining else None
         queue, method, properties, body = self._arrived.popleft()
         # One slot fewer before the ack frees the delivery's credit, or the broker sends another.
         self._free = max(0, self._free - 1)
+        # The last free slot: the next one asks first (the queues are likely busy now), instead
+        # of registering and cancelling a consumer on every queue for every experiment.
+        self._draining = self._free == 0
         self._subscribe()
         if self._channel is not channel or not channel.is_open:
             return None  # the channel went meanwhile; the broker requeues the delivery
         return self._take(channel, queue, method, properties, body)
+
+    def _get_one(self, channel: Any) -> RabbitDelivery | None:
+        """While the queues are busy: one ``basic.get`` round, from the queue after the last
+        one served; a round that finds every queue empty turns the consumers back on."""
+        names = [q for q in self._queues if not self.paused(q)]
+        for offset in range(len(names)):
+            queue = names[(self._next + offset) % len(names)]
+            try:
+                method, properties, body = channel.basic_get(queue, auto_ack=False)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                log.info("%s: queue %s is gone (%s)", self.name, queue, exc.reply_text)
+                self._channel = None
+                self._channel_reset()
+                self._next_refresh = 0.0
+                return None
+            except _CONNECTION_ERRORS as exc:
+                self._lost(f"basic.get on {queue} failed: {exc!r}")
+                return None
+            if method is not None:
+                self._next = (self._next + offset + 1) % len(names)
+                self._free = max(0, self._free - 1)
+                return self._take(channel, queue, method, properties, body)
+        self._draining = False  # all empty: pushed from now on
+        self._subscribe()
+        return None
 
     def _take(
         self, channel: Any, queue: str, method: Any, properties: Any, body: bytes

@@ -423,6 +423,7 @@ def test_a_message_pushed_when_no_slot_is_free_goes_back_at_once(
     body = request_body(tmp_path, kit.name)
     kit.backend.capacity(1)  # a free slot: a pushed backend may be delivered the message now
     kit.backend.tick()
+    assert kit.backend.receive() is None  # a look at the empty queue: from now on, pushed
     kit.put(body)
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:  # delivered into the agent, not yet taken by the loop
