@@ -31,6 +31,7 @@ Delivery semantics:
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 SQS_CAP = 12 * 3600  # the most a message can stay invisible after a receive
 RETRY_GAP = 1.0  # seconds between tries of a failed renewal or settlement of one message
 T = TypeVar("T")
+POLL_CONNECTIONS = 256  # max_concurrent's ceiling: one connection per long poll in flight
 UNSTARTED_MEMORY = 10_000  # message ids whose unstarted return this agent remembers
 
 
@@ -94,9 +96,11 @@ class SqsQueue(QueueBackend):
         self._returns: list[Entry] = []  # journal entries SQS could not take back yet
         self._unstarted: dict[str, int] = {}  # message id -> hand-outs given back unstarted
         self._told = False  # whether the supervisor has said how many slots are free
+        self._pollers: Any = None  # the receiver threads' client, made by the first of them
+        self._pollers_lock = threading.Lock()
         self._receiver = Receiver(
             self._poll,
-            self._new_client,
+            self._pollers_client,
             lambda: self._queues,
             lambda queue: not self.paused(queue) and queue not in self._denied,
             lambda: self.wake(),
@@ -106,9 +110,18 @@ class SqsQueue(QueueBackend):
 
     # -- calls and failures ----------------------------------------------------------------------
 
-    def _new_client(self) -> Any:
-        """A client of its own (the loop's, or one receiver thread's)."""
-        return new_client(self.region, self.endpoint_url, self._keys, self.wait_time + 10)
+    def _new_client(self, connections: int = 10) -> Any:
+        return new_client(
+            self.region, self.endpoint_url, self._keys, self.wait_time + 10, connections
+        )
+
+    def _pollers_client(self) -> Any:
+        """One client for every receiver thread (botocore clients are thread-safe), with a
+        connection for each poll that may be in flight."""
+        with self._pollers_lock:
+            if self._pollers is None:
+                self._pollers = self._new_client(connections=POLL_CONNECTIONS)
+            return self._pollers
 
     def _sqs(self) -> Any:
         if self._client is None:

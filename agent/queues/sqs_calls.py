@@ -57,7 +57,11 @@ def classify(exc: Exception) -> tuple[str, str]:
 
 
 def new_client(
-    region: str, endpoint_url: str | None, keys: tuple[str, str, str | None], read_timeout: float
+    region: str,
+    endpoint_url: str | None,
+    keys: tuple[str, str, str | None],
+    read_timeout: float,
+    connections: int = 10,
 ) -> Any:
     """A botocore SQS client (no SQS stubs among the dev tools) that never retries inside a
     call: a retry would block its caller, and the callers retry on their own schedule."""
@@ -65,6 +69,7 @@ def new_client(
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=5,
         read_timeout=read_timeout,
+        max_pool_connections=connections,
         user_agent_extra=f"studio-agent/{__version__}",
     )
     return boto3.session.Session().client(
