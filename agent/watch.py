@@ -24,6 +24,8 @@ class FolderWatcher:
         self.wake = wake
         self.latency_ms = latency_ms
         self._changed = threading.Event()
+        self._lock = threading.Lock()
+        self._names: set[str] | None = None  # top-level entries changed; None: anything may have
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"watch {folder}", daemon=True)
 
@@ -33,10 +35,17 @@ class FolderWatcher:
 
     def take_change(self) -> bool:
         """True (once) when something changed since the last call."""
-        if self._changed.is_set():
+        return self.take_changed() != set()
+
+    def take_changed(self) -> set[str] | None:
+        """What changed since the last call: the names of the folder's entries that did (a
+        local queue's folder, say), None when anything may have, or an empty set."""
+        with self._lock:
+            if not self._changed.is_set():
+                return set()
             self._changed.clear()
-            return True
-        return False
+            names, self._names = self._names, set()
+            return names
 
     def stop(self) -> None:
         self._stop.set()
@@ -70,11 +79,26 @@ class FolderWatcher:
             # The first (empty) yield means the watch is in place: one more scan covers
             # anything written between the scan before it and now.
             if changes or not settled:
-                self._signal()
+                self._signal(self._entries(changes) if settled else None)
             settled = True
             if not self.folder.is_dir():
                 return
 
-    def _signal(self) -> None:
-        self._changed.set()
+    def _entries(self, changes: set[tuple[Any, str]]) -> set[str] | None:
+        """The folder's own entries the changed paths are in; None if one is not in it."""
+        names = set()
+        for _change, path in changes:
+            try:
+                parts = Path(path).relative_to(self.folder).parts
+            except ValueError:
+                return None
+            if not parts:
+                return None  # the folder itself
+            names.add(parts[0])
+        return names
+
+    def _signal(self, names: set[str] | None = None) -> None:
+        with self._lock:
+            self._names = None if names is None or self._names is None else self._names | names
+            self._changed.set()
         self.wake()

@@ -7,8 +7,10 @@ Delivery semantics:
 - Oldest mtime first within a queue; queues are served round-robin, and a queue folder created
   while the agent runs is picked up on the next receive.
 - Not polled: an inotify watch on the root (agent.watch) wakes the agent when a message or a
-  queue appears, and only then is the root scanned; a scan every ``RESCAN`` seconds covers what
-  a watch can miss (a root on a network file system, an overflowed event queue).
+  queue appears, and only the queue folders it names are then looked at (with many agents on
+  one root, every enqueue wakes each of them: one folder each, not all fifty); a scan of every
+  queue each ``rescan`` seconds covers what a watch can miss (a root on a network file system,
+  an overflowed event queue).
 - A taken message is *moved* to ``<state>/inflight/<queue>/<name>``, never deleted before ack, so
   a ``kill -9`` loses nothing: ``recover`` puts such messages back at start-up. Requeue restores
   the file under its own name and mtime, so it keeps its place in line.
@@ -155,7 +157,7 @@ class LocalQueue(QueueBackend):
         self._next = 0
         self.name = f"local:{root}"
         self._watcher: FolderWatcher | None = None
-        self._more = True  # the last scan took a message: there may be others behind it
+        self._more = True  # the last look took a message: others may wait, in any queue
         self._next_scan = 0.0
 
     def served_queues(self) -> list[str]:
@@ -172,9 +174,10 @@ class LocalQueue(QueueBackend):
         return served
 
     def receive(self) -> Delivery | None:
-        if not self._worth_a_scan():
+        look = self._to_look_at()
+        if look is not None and not look:
             return None
-        queues = self.served_queues()
+        queues = [q for q in self.served_queues() if look is None or q in look]
         for offset in range(len(queues)):
             queue = queues[(self._next + offset) % len(queues)]
             if self.paused(queue) or not _messages(self.root / queue):
@@ -184,21 +187,23 @@ class LocalQueue(QueueBackend):
                 self._next = (self._next + offset + 1) % len(queues)
                 self._more = True
                 return delivery
-        self._more = False
+        self._more = False  # (a look at only some queues happens only when it was False)
         return None
 
-    def _worth_a_scan(self) -> bool:
-        """Whether the root may hold something new: a change seen, more left, or time to look."""
+    def _to_look_at(self) -> set[str] | None:
+        """The queues that may hold something new: those a change was seen in, or None for all
+        of them (at start, while messages are being taken, a pause ended, the rescan)."""
         if self._watcher is None:
             # Late-bound: the supervisor sets ``wake`` after the backend is made.
             self._watcher = FolderWatcher(self.root, lambda: self.wake(), WATCH_LATENCY_MS)
             self._watcher.start()
         now, last = time.monotonic(), self._next_scan - self.rescan
-        changed = self._watcher.take_change() or self._more or self.pause_ended_since(last)
-        if changed or now >= self._next_scan:
+        changed = self._watcher.take_changed()
+        everything = changed is None or self._more or self.pause_ended_since(last)
+        if everything or now >= self._next_scan:
             self._next_scan = now + self.rescan
-            return True
-        return False
+            return None
+        return changed
 
     def close(self) -> None:
         if self._watcher is not None:

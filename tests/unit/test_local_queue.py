@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.queues import local
 from agent.queues.base import Delivery, QueueFilter
 from agent.queues.local import LOCK_NAME, LocalQueue, enqueue, queue_lock
 
@@ -205,3 +206,24 @@ def test_a_count_a_message_carries_is_untrusted(value: object, count: int) -> No
     from agent.queues.base import count_from
 
     assert count_from(value) == count
+
+
+def test_a_change_is_looked_for_in_the_queue_it_happened_in_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("local_a", "local_b", "local_c"):
+        (tmp_path / "queue" / name).mkdir(parents=True)
+    queue = backend(tmp_path)
+    assert queue.receive() is None  # the first look is at every queue, and finds them empty
+    time.sleep(1.0)  # the watch settles in ...
+    assert queue.receive() is None  # ... and its first signal is one more look at everything
+    looked: list[str] = []
+    real = local._messages
+    monkeypatch.setattr(local, "_messages", lambda d: (looked.append(d.name), real(d))[1])
+    woken = threading.Event()
+    queue.wake = woken.set
+    put(tmp_path, "local_b", b"only here")
+    assert woken.wait(10)
+    assert wait_for(queue.receive).body == b"only here"
+    assert set(looked) == {"local_b"}  # many agents on one root: one folder each, not all
+    queue.close()
