@@ -39,8 +39,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import pika
+import services as bench_services
 import yaml
 
 from agent import __version__
@@ -105,40 +105,13 @@ def emulator_version() -> str:
 
 def start_services(root: Path, stack: ExitStack) -> Services:
     """Start the broker, moto and the emulator; ``stack`` stops each of them on the way out."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # tests/services is project code, not an installed package
-    from tests.services.pubsub import EMULATOR, PubSubEmulator, _free_port
-    from tests.services.rabbitmq import RABBITMQ_BIN, RabbitBroker, _free_port_block
-    from tests.services.s3 import S3Server
-
-    for needed in (RABBITMQ_BIN / "rabbitmq-server", EMULATOR):
-        if not needed.is_file():
-            raise SystemExit(f"{needed} is missing: install it as the integration tests need")
-    for name in ("rabbitmq", "pubsub"):
-        (root / name).mkdir(parents=True)
-    broker = RabbitBroker(root / "rabbitmq", _free_port_block())
-    stack.callback(broker.close)
-    s3 = S3Server(root / "moto.log")
-    stack.callback(s3.stop)
-    emulator = PubSubEmulator(root / "pubsub", _free_port())
-    stack.callback(emulator.close)
-    broker.start()
-    s3.start()
-    emulator.start()
-    connection = pika.BlockingConnection(pika.URLParameters(f"{broker.amqp_url}?heartbeat=0"))
-    stack.callback(connection.close)
-    channel = connection.channel()
-    channel.confirm_delivery()
-    return Services(broker, s3, emulator, channel, sqs_client(s3))
-
-
-def sqs_client(s3: S3Server) -> Any:
-    return boto3.client(
-        "sqs",
-        endpoint_url=s3.endpoint,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
+    started = bench_services.start(root, stack)
+    return Services(
+        started.broker,
+        started.s3,
+        started.emulator,
+        started.channel,
+        bench_services.sqs_client(started.s3),
     )
 
 

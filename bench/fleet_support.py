@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import pika
+import services as bench_services
 import yaml
 
 from agent.queues.local import LOCK_NAME, enqueue
@@ -81,38 +81,16 @@ class Services:
 
 def start_services(root: Path, stack: ExitStack) -> Services:
     """Broker, moto and emulator from tests/services; ``stack`` stops each on the way out."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # tests/services is project code, not an installed package
-    from tests.services.pubsub import EMULATOR, PubSubEmulator, _free_port
-    from tests.services.rabbitmq import RABBITMQ_BIN, RabbitBroker, _free_port_block
-    from tests.services.s3 import S3Server
-
-    for needed in (RABBITMQ_BIN / "rabbitmq-server", EMULATOR):
-        if not needed.is_file():
-            raise SystemExit(f"{needed} is missing: install it as the integration tests need")
-    for name in ("rabbitmq", "pubsub"):
-        (root / name).mkdir(parents=True)
-    broker = RabbitBroker(root / "rabbitmq", _free_port_block())
-    stack.callback(broker.close)
-    s3 = S3Server(root / "moto.log")
-    stack.callback(s3.stop)
-    emulator = PubSubEmulator(root / "pubsub", _free_port())
-    stack.callback(emulator.close)
-    broker.start()
-    s3.start()
-    emulator.start()
-    connection = pika.BlockingConnection(pika.URLParameters(f"{broker.amqp_url}?heartbeat=0"))
-    stack.callback(connection.close)
-    channel = connection.channel()
-    channel.confirm_delivery()
-    sqs = boto3.client(
-        "sqs",
-        endpoint_url=s3.endpoint,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
+    started = bench_services.start(root, stack)
+    return Services(
+        started.broker,
+        started.s3,
+        started.emulator,
+        root / "moto.log",
+        root / "queues",
+        started.channel,
+        bench_services.sqs_client(started.s3),
     )
-    return Services(broker, s3, emulator, root / "moto.log", root / "queues", channel, sqs)
 
 
 def create_queues(services: Services, kind: str, names: Iterable[str]) -> None:
