@@ -45,7 +45,7 @@ class Credential:
         return f"{self.kind}/{self.name}"
 
 
-def _check_private(path: Path) -> None:
+def check_private(path: Path) -> None:
     info = path.stat()  # follows symlinks: the mode that matters is the target's
     if info.st_uid != os.geteuid():
         raise CredentialError(f"{path}: owned by uid {info.st_uid}, not by the agent's user")
@@ -77,7 +77,7 @@ def _sqs(folder: Path) -> dict[str, Any]:
         raise CredentialError(f"{folder}: needs exactly two files, credentials and config")
     parsed = []
     for path in files:
-        _check_private(path)
+        check_private(path)
         parser = configparser.ConfigParser()
         try:
             parser.read_string(path.read_text())
@@ -131,7 +131,7 @@ def _visible(folder: Path) -> list[Path]:
 
 def _load(kind: str, path: Path) -> Credential:
     if kind == "rabbitmq":
-        _check_private(path)
+        check_private(path)
         return Credential(kind, path.name, path, _digest(path), _rabbitmq(path))
     if kind == "sqs":
         if not path.is_dir():
@@ -140,7 +140,7 @@ def _load(kind: str, path: Path) -> Credential:
         return Credential(kind, path.name, path, _digest(*parts), _sqs(path))
     if path.suffix != ".json":
         raise CredentialError(f"{path}: a Pub/Sub credential is a <name>.json key file")
-    _check_private(path)
+    check_private(path)
     return Credential(kind, path.stem, path, _digest(path), _pubsub(path))
 
 

@@ -9,10 +9,12 @@ acknowledges it. Nothing a message holds can raise out of ``admit``.
 import logging
 from dataclasses import dataclass, replace
 
-from agent import setaside, trust
+from agent import envelope, setaside, trust
+from agent.envelope import Sealed
 from agent.errors import BadRequest
-from agent.intake import parse_message
+from agent.intake import parse_message, read_message
 from agent.ledger import MAX_EXCUSED_DEATHS, Ledger, Record
+from agent.message_keys import SIGNING, KeyRing
 from agent.queues.base import Delivery, QueueBackend
 from agent.report.events import Event, Events
 from agent.request import Request
@@ -41,6 +43,7 @@ class Gate:
         self.admission = admission
         self.events = events
         self.ledger = Ledger(settings.state_dir / "ledger")
+        self.keys = KeyRing(events)  # synced with the certs directory by the supervisor
 
     def admit(self, backend: QueueBackend, delivery: Delivery) -> Ticket | Settlement:
         """A ticket to run, or what to do with the delivery instead (set aside, or give back
@@ -60,23 +63,51 @@ class Gate:
         if reason:
             return set_aside(reason)
         try:
-            request, storage = self._take(backend, delivery)
+            message, storage = self._take(backend, delivery)
         except BadRequest as exc:
             return set_aside(f"malformed message: {exc}")
         except Exception as exc:  # a bug in intake: never a crash, never a loop
             log.exception("taking message %s failed", delivery.message_id)
             return set_aside(f"agent error while taking it: {exc!r}")
-        self.ledger.enter(record, "fetching", request.key)
+        if isinstance(message, Request):
+            self.ledger.enter(record, "fetching", message.key)
         attempts = delivery.delivery_count - record.excused
         if attempts > self.settings.max_attempts:
             return set_aside(
                 f"handed out {attempts} times (max_attempts {self.settings.max_attempts})"
             )
-        resources = request.experiment.resources_needed
-        grant = self.admission.take(backend, delivery, request.key, resources)
+        # An envelope is admitted on its clear fields, as the Go runner did: no decryption for
+        # a message that has to wait anyway.
+        if isinstance(message, Request):
+            label, resources = message.key, message.experiment.resources_needed
+        else:
+            label, resources = f"(sealed message {delivery.message_id})", message.resources
+        grant = self.admission.take(backend, delivery, label, resources)
         if isinstance(grant, Settlement):
             return grant  # no room now: back to its queue, the hand-out excused
-        return Ticket(request, storage, record, grant, attempts)
+        if isinstance(message, Sealed):
+            opened = self._open(delivery, message, storage, grant)
+            if isinstance(opened, Settlement):
+                return opened
+            message = opened
+            self.ledger.enter(record, "fetching", message.key)
+        return Ticket(message, storage, record, grant, attempts)
+
+    def _open(
+        self, delivery: Delivery, sealed: Sealed, storage: StorageOptions, grant: Grant
+    ) -> Request | Settlement:
+        """The admitted envelope's request; or, its grant given back, why it is set aside."""
+        try:
+            request = self._unseal(sealed, storage)
+        except BadRequest as exc:
+            self.admission.release(grant)
+            return set_aside(f"encrypted message refused: {exc}")
+        except Exception as exc:  # a bug: never a crash, never a loop, never the clear text
+            self.admission.release(grant)
+            log.error("opening message %s failed: %s", delivery.message_id, type(exc).__name__)
+            return set_aside(f"agent error while opening it: {type(exc).__name__}")
+        grant.key = request.key
+        return request
 
     def _suspicion(self, record: Record) -> str:
         """Why the agent's deaths with this message set it aside, or ""."""
@@ -89,12 +120,35 @@ class Gate:
             return f"the agent died {record.deaths} times while holding this message"
         return ""
 
-    def _take(self, backend: QueueBackend, delivery: Delivery) -> tuple[Request, StorageOptions]:
-        """Parse (bounded) and check the message against the trust of where it came from."""
-        request = parse_message(delivery.body, self.settings.max_message_size)
+    def _take(
+        self, backend: QueueBackend, delivery: Delivery
+    ) -> tuple[Request | Sealed, StorageOptions]:
+        """Parse (bounded) and check the message against the trust of where it came from: a
+        clear request against the queue's policy and the storage rules, an envelope against
+        the signing key of its queue (it is opened later, once admitted)."""
+        message = read_message(delivery.body, self.settings.max_message_size)
         storage = trust.storage_options(self.settings, local_source=backend.kind == "local")
+        signer = self.keys.keys.signer_for(delivery.queue)
+        if isinstance(message, Sealed):
+            envelope.verify(message, delivery.queue, signer)
+            return message, storage
+        if signer is not None:
+            raise BadRequest(
+                f"clear text on queue {delivery.queue[:120]!r}, which has a signing key "
+                f"({SIGNING}/{signer.prefix}): only signed, encrypted messages are taken there"
+            )
+        if self.settings.clear_text == "refuse":
+            raise BadRequest("clear text refused (clear_text: refuse): only encrypted messages")
+        trust.check_request(message, storage)
+        return message, storage
+
+    def _unseal(self, sealed: Sealed, storage: StorageOptions) -> Request:
+        """The encrypted request, checked as a clear one is and against its envelope."""
+        clear = envelope.decrypt(sealed, self.keys.keys.decryption)
+        request = parse_message(clear, self.settings.max_message_size)
+        envelope.check_agrees(sealed, request)
         trust.check_request(request, storage)
-        return request, storage
+        return request
 
     def keep_aside(self, delivery: Delivery, kind: str, reason: str, record: Record | None) -> None:
         """Keep the raw message and why under ``<state>/<kind>/``, and report it (the

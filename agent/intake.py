@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent.envelope import Sealed
 from agent.errors import BadRequest
 from agent.request import Request
 
@@ -46,16 +47,43 @@ def _no_constants(name: str) -> Any:
 
 
 def parse_message(body: bytes, max_bytes: int = MAX_BODY) -> Request:
-    """Parse a message body; raise BadRequest, and only BadRequest, with a reason to act on."""
+    """Parse a clear request; raise BadRequest, and only BadRequest, with a reason to act on."""
+    message = read_message(body, max_bytes)
+    if isinstance(message, Sealed):
+        raise BadRequest("body is an encrypted StudioML envelope ('message'), not a clear request")
+    return message
+
+
+def read_message(body: bytes, max_bytes: int = MAX_BODY) -> Request | Sealed:
+    """A clear request, or an envelope still sealed (``agent.envelope``); else BadRequest."""
     try:
-        return _parse(body, max_bytes)
+        return _read(body, max_bytes)
     except BadRequest:
         raise
     except Exception as exc:  # RecursionError, MemoryError, a bug: the message is at fault
         raise BadRequest(f"body could not be parsed: {type(exc).__name__}: {exc}"[:500]) from None
 
 
-def _parse(body: bytes, max_bytes: int) -> Request:
+def _read(body: bytes, max_bytes: int) -> Request | Sealed:
+    data = _load_object(body, max_bytes)
+    if "message" in data and "experiment" not in data:
+        return _sealed(data["message"])
+    try:
+        return Request.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(describe(exc)) from None
+
+
+def _sealed(message: Any) -> Sealed:
+    if not isinstance(message, dict):
+        raise BadRequest("an envelope's 'message' must be an object")
+    try:
+        return Sealed.model_validate(message)
+    except ValidationError as exc:
+        raise BadRequest(f"envelope: {describe(exc)}") from None
+
+
+def _load_object(body: bytes, max_bytes: int) -> dict[str, Any]:
     if len(body) > max_bytes:
         raise BadRequest(f"body is {len(body)} bytes; at most {max_bytes} (max_message_size)")
     try:
@@ -78,14 +106,7 @@ def _parse(body: bytes, max_bytes: int) -> Request:
         raise BadRequest(f"body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest(f"body is a JSON {type(data).__name__}, not an object")
-    if "message" in data and "experiment" not in data:
-        raise BadRequest(
-            "body is an encrypted StudioML envelope ('message'); this agent has no decryption key"
-        )
-    try:
-        return Request.model_validate(data)
-    except ValidationError as exc:
-        raise BadRequest(describe(exc)) from None
+    return data
 
 
 def describe(exc: ValidationError, limit: int = 5) -> str:

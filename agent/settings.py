@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     checkpoint_interval: Duration = parse_duration("10m")
     checkpoint_min_interval: Duration = parse_duration("30s")
     certs_dir: Path | None = Path("/etc/studio-agent/certs")
+    # Clear-text messages on queues without a signing key (certs/queues/signing): "refuse" takes
+    # only signed, encrypted ones everywhere (the Go runner's CLEAR_TEXT_MESSAGES, inverted).
+    clear_text: Literal["accept", "refuse"] = "accept"
     # -- the queue backends, a section each (agent.queue_settings; flat aliases accepted) --
     local: LocalSettings = Field(default_factory=LocalSettings)
     rabbitmq: RabbitSettings = Field(default_factory=RabbitSettings)

@@ -32,6 +32,7 @@ def write_status(
     jobs: Iterable[_Job],
     resources: dict[str, Any] | None = None,  # Admission.describe(): GPUs and who holds them
     protections: dict[str, str] | None = None,  # Sandbox.protections(): "" or why it is off
+    message_keys: dict[str, Any] | None = None,  # MessageKeys.describe(): fingerprints only
 ) -> None:
     document = {
         "pid": os.getpid(),
@@ -48,6 +49,7 @@ def write_status(
         ],
         "resources": resources or {},
         "protections": protections or {},
+        "message_keys": message_keys or {},
         "backends": [b.describe() for b in subscriptions.active()],
         "retiring": [b.describe() for b in subscriptions.retiring],
         "refused": subscriptions.refused,
@@ -89,7 +91,19 @@ def render(document: dict[str, Any]) -> str:
                 lines.append(f"  not serving {queue}: {reason}")
     for ident, reason in sorted(document.get("refused", {}).items()):
         lines.append(f"refused credential {ident}: {reason}")
+    lines += _render_keys(document.get("message_keys", {}))
     return "\n".join(lines) + "\n"
+
+
+def _render_keys(keys: dict[str, Any]) -> list[str]:
+    lines = []
+    if keys.get("decryption_key"):
+        lines.append(f"encrypted messages: decryption key {keys['decryption_key']}")
+    for prefix, fingerprint in sorted(keys.get("signers", {}).items()):
+        lines.append(f"  queues {prefix}*: signed by {fingerprint} only, no clear text")
+    for name, reason in sorted(keys.get("refused", {}).items()):
+        lines.append(f"refused message key {name}: {reason}")
+    return lines
 
 
 def _alive(pid: int) -> bool:

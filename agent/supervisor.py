@@ -267,7 +267,8 @@ class Supervisor:
             return
         self._next_scan = now + 30.0
         found, refused = scan(self.watcher.folder)
-        if self.subscriptions.sync(found, refused):
+        keys_changed = self.gate.keys.sync(self.watcher.folder)
+        if self.subscriptions.sync(found, refused) or keys_changed:
             self._next_status = 0.0  # show the change in status.json at once
 
     def status_text(self) -> str:
@@ -297,6 +298,7 @@ class Supervisor:
             self.jobs.values(),
             self.admission.describe(),
             self.sandbox.protections(),
+            self.gate.keys.keys.describe(),
         )
 
     def wake(self) -> None:
