@@ -107,6 +107,13 @@ class Gate:
             log.error("opening message %s failed: %s", delivery.message_id, type(exc).__name__)
             return set_aside(f"agent error while opening it: {type(exc).__name__}")
         grant.key = request.key
+        log.info(
+            "message %s from %s: signed by %s, decrypted: experiment %s",
+            delivery.message_id,
+            delivery.queue,
+            sealed.fingerprint,
+            request.key,
+        )
         return request
 
     def _suspicion(self, record: Record) -> str:

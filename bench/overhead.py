@@ -12,9 +12,13 @@ environment cache and the default ``poll_interval``:
 - throughput: a batch of experiments enqueued at once and drained with 1 and then 2 workers;
 - on ``local`` only, the same batch drained by the studioml 0.0.49 ``studio-local-worker`` (the
   baseline). rmq-s3 has none: the 0.0.49 python remote worker is broken (protocol spec J.10).
+- on ``local`` only, the latency of encrypted, signed messages (the client's envelope, a 4096-bit
+  key; an agent of its own with the keys in its certs dir) against the clear runs, and the
+  in-process cost of opening one (``bench/encrypted.py``).
 
 Usage: ``python bench/overhead.py [--transport {local,rmq-s3,all}] [--runs N] [--experiments N]
-[--skip-baseline]`` (``make bench`` runs it with the project venv). It prints one table of medians.
+[--skip-baseline] [--skip-encrypted]`` (``make bench`` runs it with the project venv). It prints
+one table of medians.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ def agent_config(layout: Layout, slots: int, name: str, extra: dict[str, Any]) -
         "max_concurrent": slots,
         "drain_timeout": "30s",
         "update_local_db": True,
+        "local_storage": [str(layout.storage)],  # where prepare() stores (agent.trust)
     }
     config.update(extra)
     path = layout.root / f"agent-{name}-{slots}.yaml"
@@ -240,9 +245,12 @@ def timeline(enqueued: float, taken: float, acked: float, times: dict[str, float
     )
 
 
-def run_one(layout: Layout, proc: subprocess.Popen[bytes]) -> Latency:
+def run_one(
+    layout: Layout, proc: subprocess.Popen[bytes], seal: Callable[[bytes], bytes] | None = None
+) -> Latency:
     """Enqueue one experiment on an idle agent and follow it until it is acknowledged."""
     key, body = prepare(layout)
+    body = seal(body) if seal else body
     enqueued = time.time()
     queued = enqueue(layout.root / "queue", QUEUE, body)
     held = layout.inflight_dir / queued.name
@@ -576,6 +584,7 @@ class Results:
     worker: list[float] = field(default_factory=list)  # seconds per experiment, steady state
     worker_wall: list[float] = field(default_factory=list)  # the same, launch to exit
     services: str = ""  # versions of the rmq-s3 broker and S3 server
+    opening: list[tuple[str, str, list[float]]] = field(default_factory=list)  # bench/encrypted
 
 
 def measure_agent(
@@ -603,6 +612,28 @@ def measure_worker(
         results.worker.append(steady)
         results.worker_wall.append(wall)
         print(f"  studio-local-worker round {index + 1}: done", file=sys.stderr)
+
+
+def measure_sealed(layout: Layout, options: argparse.Namespace, results: Results) -> None:
+    """Latency of envelopes (4096-bit key) on the local queue, and the in-process cost."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench import encrypted
+    from tests.sealing import Keys, install_decryption_key, install_signing_key, seal
+
+    keys = Keys.generate(4096)
+    certs = layout.root / "certs"
+    install_decryption_key(certs, keys, passphrase=b"bench")
+    install_signing_key(certs, QUEUE, keys)
+
+    def sealed(body: bytes) -> bytes:
+        return json.dumps(seal(json.loads(body), keys)).encode()
+
+    with running_agent(layout, 1, "local-enc", {"certs_dir": str(certs)}) as proc:
+        run_one(layout, proc, sealed)  # warm-up
+        results.latency["local-enc"] = [run_one(layout, proc, sealed) for _ in range(options.runs)]
+    results.opening = encrypted.measure(options.rounds, 100)
+    print("  local-enc: studio-agent, 1 worker: done", file=sys.stderr)
 
 
 def measure_rmq(layout: Layout, options: argparse.Namespace, results: Results) -> None:
@@ -674,6 +705,19 @@ def baseline_rows(results: Results) -> list[str]:
     return lines
 
 
+def sealed_rows(results: Results) -> list[str]:
+    """Envelopes on the local queue against the clear runs of the same bench run."""
+    sealed = [1000 * s.to_start for s in results.latency["local-enc"]]
+    clear = statistics.median(1000 * s.to_start for s in results.latency["local"])
+    lines = [
+        row("local   encrypted 4096-bit: enqueue -> process start", "ms", sealed),
+        row("          added against clear text", "ms", [s - clear for s in sealed]),
+    ]
+    for name, unit, values in results.opening:
+        lines.append(row(f"in-proc {name}", unit, values, 3))
+    return lines
+
+
 def report(results: Results) -> str:
     lines = [f"{'':<{NAME}} {'unit':<8} {'median':>9} {'min':>9} {'max':>9} {'n':>4}"]
     notes: list[str] = []
@@ -681,6 +725,8 @@ def report(results: Results) -> str:
         if transport in results.latency:
             lines += transport_rows(results, transport)
             notes += NOTES.get(transport, ())
+        if transport == "local" and "local-enc" in results.latency:
+            lines += sealed_rows(results)
         if transport == "local" and results.worker:
             lines += baseline_rows(results)
     if results.services:
@@ -728,6 +774,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=positive, default=5, help="agent rounds per setting (5)")
     parser.add_argument("--baseline-rounds", type=positive, default=3, help="studioml rounds (3)")
     parser.add_argument("--skip-baseline", action="store_true", help="do not run studioml")
+    parser.add_argument(
+        "--skip-encrypted", action="store_true", help="no encrypted-message rows (local)"
+    )
     options = parser.parse_args(argv)
     if options.experiments < 2:
         parser.error("--experiments must be at least 2")
@@ -751,6 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = make_layout(Path(tmp) / "agent")
         if "local" in selected(options):
             measure_agent(layout, local_transport(layout), options, results)
+            if not options.skip_encrypted:
+                measure_sealed(layout, options, results)
             if not options.skip_baseline:
                 measure_worker(Path(tmp), layout, options, results)
         if "rmq-s3" in selected(options):

@@ -103,9 +103,10 @@ def seal(
     signer: Keys | None = None,
     fingerprint: str | None = None,
     tamper: str = "",
+    session: bytes | None = None,
 ) -> dict[str, Any]:
     """The envelope the client builds for ``clear``; ``tamper`` names a part to break."""
-    session = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+    session = session or nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
     data = nacl.secret.SecretBox(session).encrypt(json.dumps(clear).encode())
     if tamper == "data":
         data = data[:-1] + bytes([data[-1] ^ 1])

@@ -6,7 +6,7 @@
 {%- set tplroot = tpldir.split("/")[0] %}
 {%- from tplroot ~ "/map.jinja" import mapdata as studio_agent with context %}
 {%- set sls_package = tplroot ~ '.package' %}
-{%- set pattern = '^(rabbitmq/[^/.][^/]*|sqs/[^/.][^/]*/(credentials|config)|pubsub/[^/.][^/]*[.]json)$' %}
+{%- set pattern = '^(rabbitmq/[^/.][^/]*|sqs/[^/.][^/]*/(credentials|config)|pubsub/[^/.][^/]*[.]json|message/encryption/ssh-privatekey|message/passphrase/ssh-passphrase|queues/signing/[^/.][^/]*)$' %}
 
 include:
   - {{ sls_package }}
@@ -27,7 +27,8 @@ studio_agent-config-credential-{{ loop.index }}-test-fail-without-changes:
   test.fail_without_changes:
     - name: >-
         credentials: {{ path }} must be rabbitmq/<name>, sqs/<name>/credentials,
-        sqs/<name>/config or pubsub/<name>.json
+        sqs/<name>/config, pubsub/<name>.json, message/encryption/ssh-privatekey,
+        message/passphrase/ssh-passphrase or queues/signing/<queue prefix>
 {%-   elif content is none %}
 
 studio_agent-config-credential-{{ loop.index }}-file-absent:
