@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,23 +30,13 @@ from agent.intake import parse_message, read_message  # noqa: E402
 from agent.message_keys import Signer  # noqa: E402
 from agent.storage.base import StorageOptions  # noqa: E402
 from agent.trust import check_request  # noqa: E402
+from bench.intake import samples  # noqa: E402
 from tests.sealing import Keys, seal  # noqa: E402
 
 EXAMPLE = json.loads((ROOT / "tests" / "fixtures" / "example_message_redacted.json").read_text())
 QUEUE = "rmq_bench"
 BITS = (2048, 4096)
 Row = tuple[str, str, list[float]]  # name, unit, one value a run
-
-
-def per_message(work: Callable[[], object], loops: int, runs: int) -> list[float]:
-    """Seconds per call, one value for each of ``runs`` runs of ``loops`` calls."""
-    samples = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        for _ in range(loops):
-            work()
-        samples.append((time.perf_counter() - began) / loops)
-    return samples
 
 
 def open_clear(body: bytes) -> Callable[[], object]:
@@ -80,12 +69,12 @@ def open_sealed(body: bytes, keys: Keys) -> Callable[[], object]:
 
 def measure(runs: int, loops: int) -> list[Row]:
     clear = json.dumps(EXAMPLE).encode()
-    baseline = per_message(open_clear(clear), loops, runs)
+    baseline = samples(open_clear(clear), loops, runs)
     rows: list[Row] = [("clear message: parse, trust check", "ms", [1000 * s for s in baseline])]
     for bits in BITS:
         keys = Keys.generate(bits)
         body = json.dumps(seal(EXAMPLE, keys)).encode()
-        sealed = per_message(open_sealed(body, keys), loops, runs)
+        sealed = samples(open_sealed(body, keys), loops, runs)
         rows.append((f"encrypted, {bits}-bit key: open and check", "ms", ms(sealed)))
         added = [s - statistics.median(baseline) for s in sealed]
         rows.append((f"  added per message, {bits}-bit key", "ms", ms(added)))

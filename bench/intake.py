@@ -36,13 +36,18 @@ EXAMPLE = (ROOT / "tests" / "fixtures" / "example_message_redacted.json").read_b
 
 def per_call(work: Callable[[], object], loops: int, runs: int) -> float:
     """Median over ``runs`` of the mean seconds per call of ``loops`` calls."""
-    samples = []
+    return statistics.median(samples(work, loops, runs))
+
+
+def samples(work: Callable[[], object], loops: int, runs: int) -> list[float]:
+    """The mean seconds per call of ``loops`` calls, once for each of ``runs`` runs."""
+    found = []
     for _ in range(runs):
         began = time.perf_counter()
         for _ in range(loops):
             work()
-        samples.append((time.perf_counter() - began) / loops)
-    return statistics.median(samples)
+        found.append((time.perf_counter() - began) / loops)
+    return found
 
 
 def refusing(body: bytes) -> Callable[[], object]:

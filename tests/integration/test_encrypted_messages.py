@@ -4,7 +4,6 @@ own ``EncryptedPayloadBuilder`` through key rotation, and no secret left in any 
 
 import base64
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from agent.message_keys import PRIVATE_KEY
 from agent.queues.local import enqueue
 from agent.submit import Submission, prepare
 from tests.conftest import AgentProcess, Layout, client_env, client_read_back, wait_until
-from tests.integration.test_studioml_rmq_s3 import client_config
+from tests.integration.test_studioml_rmq_s3 import client_config, rabbitmq_layout, studio_run
 from tests.sealing import Keys, client_seal, install_decryption_key, install_signing_key, seal
 from tests.services.rabbitmq import RabbitBroker
 from tests.services.s3 import S3Server
@@ -56,19 +55,8 @@ def test_studio_run_with_keys_is_served_over_rabbitmq_and_s3(
     (workspace / "train.py").write_text(TRAIN)
     env = client_env(client_venv, tmp_path / "studiohome")
     key = "encrypted-rmq-1"
-    run = [f"--config={config}", "--queue", "rmq_enc_e2e", "-e", key, "train.py", "0.1"]
-    submitted = subprocess.run(
-        ["studio-run", *run], cwd=workspace, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
-
-    lay = layout(
-        amqp_url=rabbitmq.amqp_url,
-        amqp_mgmt_url=rabbitmq.mgmt_url,
-        amqp_refresh="1s",
-        queue_match="^rmq_enc_e2e$",
-    )
-    agent = start_agent(lay)
+    studio_run(config, workspace, env, "rmq_enc_e2e", key, "0.1")
+    agent = start_agent(rabbitmq_layout(layout, rabbitmq, "rmq_enc_e2e"))
     wait_until(lambda: f"experiment {key} completed" in agent.log(), 240, "the run")
     assert agent.stop() == 0
     log = agent.log()

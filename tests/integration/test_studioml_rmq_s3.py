@@ -47,6 +47,27 @@ def client_config(path: Path, broker: RabbitBroker, s3: S3Server) -> Path:
     return path
 
 
+def studio_run(
+    config: Path, workspace: Path, env: dict[str, str], queue: str, key: str, *args: str
+) -> None:
+    """``studio run --queue QUEUE -e KEY train.py ARGS`` with the real client."""
+    submit = [f"--config={config}", "--queue", queue, "-e", key, "train.py", *args]
+    submitted = subprocess.run(
+        ["studio-run", *submit], cwd=workspace, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+
+
+def rabbitmq_layout(layout: Callable[..., Layout], broker: RabbitBroker, queue: str) -> Layout:
+    """An agent serving ``queue`` alone on ``broker``, discovering it within a second."""
+    return layout(
+        amqp_url=broker.amqp_url,
+        amqp_mgmt_url=broker.mgmt_url,
+        amqp_refresh="1s",
+        queue_match=f"^{queue}$",
+    )
+
+
 def test_client_submits_over_rabbitmq_and_reads_results_from_s3(
     client_venv: Path,
     rabbitmq: RabbitBroker,
@@ -62,19 +83,8 @@ def test_client_submits_over_rabbitmq_and_reads_results_from_s3(
     env = client_env(client_venv, tmp_path / "studiohome")
     key = "rmqs3exp1"
     args = ["10", "hello world", "it's", "--lr=0.1"]
-    submit = [f"--config={config}", "--queue", "rmq_e2e", "-e", key, "train.py", *args]
-    submitted = subprocess.run(
-        ["studio-run", *submit], cwd=workspace, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
-
-    lay = layout(
-        amqp_url=rabbitmq.amqp_url,
-        amqp_mgmt_url=rabbitmq.mgmt_url,
-        amqp_refresh="1s",
-        queue_match="^rmq_e2e$",
-    )
-    agent = start_agent(lay)
+    studio_run(config, workspace, env, "rmq_e2e", key, *args)
+    agent = start_agent(rabbitmq_layout(layout, rabbitmq, "rmq_e2e"))
     output_key = f"experiments/{key}/output.tar"
     s3 = s3_server.client()
 
