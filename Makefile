@@ -59,7 +59,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 unit: venv
-	$(BIN)/python -m pytest -m "not integration"
+	$(BIN)/python -m pytest tests/unit -m "not integration and not system"; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc
 
 # pytest exits 5 when it collected nothing: say so, and fail.
 # deploy-tools: ansible-playbook for tests/system/test_deploy_ansible.py (the .deb builds itself).

@@ -1,4 +1,7 @@
-"""``studio-agent``: run | check-config | status | gpus | submit | metadata | version.
+"""studio-agent: runs StudioML experiments from RabbitMQ, SQS, Pub/Sub and local queues.
+
+Commands: run, check-config, status, gpus, submit, metadata, version; and, to a running agent,
+drain, pause, resume, abort (agent.cli_control).
 
 Exit codes follow sysexits: 0 clean stop, 2 bad usage, 64 submit input error, 69 a required
 backend (the configured broker) did not answer within start_budget, 70 unexpected crash, 75 a
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from agent import __version__
+from agent import __version__, cli_control
 from agent.errors import BadRequest, ConfigError
 from agent.log import setup_logging
 from agent.queues.base import QueueBackend
@@ -41,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="agent.yaml (default /etc/studio-agent/agent.yaml)"
     )
     parser = argparse.ArgumentParser(prog="studio-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"studio-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[common], help="serve queues until stopped")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -57,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     metadata.add_argument("--status", help="e.g. completed, failed, running")
     metadata.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     _submit_parser(commands.add_parser("submit", parents=[common], help="enqueue a directory"))
+    cli_control.add_parsers(commands, common)
     return parser
 
 
@@ -98,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status_command(settings, options.json)
         if options.command == "gpus":
             return gpus_command(settings, options.json)
+        if options.command in cli_control.CONTROL_VERBS:
+            return cli_control.control_command(settings, options)
         return run_command(settings, options.log_level, options.config)
     except ConfigError as exc:
         print(f"studio-agent: configuration error:\n{exc}", file=sys.stderr)
@@ -120,8 +127,8 @@ def check_config(file: Path | None) -> int:
 
 def run_command(settings: Settings, level: str | None, config: Path | None = None) -> int:
     from agent.executors import build_executor
-    from agent.log import LevelReload
     from agent.queues.factory import static_backends
+    from agent.reload import ConfigReload
     from agent.report.metrics import Resources
     from agent.subscriptions import Subscriptions
     from agent.supervisor import Supervisor
@@ -144,7 +151,7 @@ def run_command(settings: Settings, level: str | None, config: Path | None = Non
         supervisor = Supervisor(settings, subscriptions, build_executor(settings), watcher)
         if watcher is not None:
             watcher.wake = supervisor.wake
-        supervisor.reload_log_level = LevelReload(
+        supervisor.reload_config = ConfigReload(
             config, level or settings.log_level, pinned=level is not None
         )
         if metrics is not None:

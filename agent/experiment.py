@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent import childenv, process, rundir, trust
+from agent import childenv, process, rundir, stop_check, trust
 from agent.checkpoint import Checkpointer
 from agent.errors import AgentError, PermanentError, TransientError
 from agent.execution import Execution
@@ -30,12 +30,13 @@ from agent.recorder import RunRecorder
 from agent.request import Request
 from agent.sandbox import Confinement, Sandbox
 from agent.settings import Settings
+from agent.stop_check import StopCheck
 from agent.storage import database
 from agent.storage.base import StorageOptions
 
 log = logging.getLogger(__name__)
 
-Status = Literal["completed", "failed", "timeout", "expired", "cancelled", "error"]
+Status = Literal["completed", "failed", "timeout", "expired", "cancelled", "aborted", "error"]
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ExperimentRun:
         )
         self.confinement: Confinement | None = None
         self._cancelled = threading.Event()
+        self.aborted = ""  # why, once abort() was called
         self.saver = Checkpointer(self.ctx, settings, self.storage)
         self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
         self.on_phase = on_phase
@@ -95,6 +97,12 @@ class ExperimentRun:
         return self.saver.recorder
 
     def cancel(self) -> None:
+        self._cancelled.set()
+
+    def abort(self, why: str) -> None:
+        """End the run for good: its tree is killed, what it made is uploaded, and its message
+        is settled, not run again (``cancel`` gives the message back instead)."""
+        self.aborted = why
         self._cancelled.set()
 
     def run(self) -> Outcome:
@@ -123,6 +131,8 @@ class ExperimentRun:
             self._record(f"environment ready: {launch.argv[0]}")
             if self._cancelled.is_set():
                 launch.release()
+                if self.aborted:
+                    raise PermanentError(f"{self.aborted} before it started")
                 raise TransientError("stopped by the agent's shutdown before it started")
             try:
                 self._execute(launch, limit, outcome)
@@ -133,7 +143,7 @@ class ExperimentRun:
             outcome.status, outcome.detail, outcome.transient = "error", str(exc), True
             self._record(f"infrastructure error, the message goes back: {exc}")
         except PermanentError as exc:
-            outcome.status, outcome.detail = "failed", str(exc)
+            outcome.status, outcome.detail = ("aborted" if self.aborted else "failed"), str(exc)
             self._note(f"experiment failed before it ran: {exc}")
             self._record(f"failed before it ran: {exc}")
         if self.confinement is not None:
@@ -207,6 +217,9 @@ class ExperimentRun:
         return env
 
     def _execute(self, launch: Launch, limit: float, outcome: Outcome) -> None:
+        if self.settings.stop_check and stop_check.stopped(self.request, self.storage):
+            self.aborted = stop_check.WHY  # while it waited or its environment was built
+            raise PermanentError(f"{stop_check.WHY}, before it started")
         if self.settings.update_local_db:
             database.mark_running(self.request.config, self.request.key, self.storage.local_roots)
         argv, env = launch.command(self.child_env(launch))
@@ -219,16 +232,20 @@ class ExperimentRun:
             self.saver.checkpoint,
             self.saver.interval(),
         )
-        result = execution.run(argv, env, limit, functools.partial(self._started, launch, limit))
+        started = functools.partial(self._started, launch, limit)
+        with StopCheck(self.request, self.storage, self.settings.stop_check, self.abort):
+            result = execution.run(argv, env, limit, started)
         outcome.status, outcome.exit_code, outcome.detail = (
             result.status,
             result.exit_code,
             result.detail,
         )
         outcome.transient = result.status == "cancelled"
-        self._record(f"stopped: {result.status}, {result.detail}")
+        if outcome.transient and self.aborted:
+            outcome.status, outcome.detail, outcome.transient = "aborted", self.aborted, False
+        self._record(f"stopped: {outcome.status}, {outcome.detail}")
         if result.status != "completed":
-            self._note(result.detail)
+            self._note(outcome.detail)
 
     def _started(self, launch: Launch, limit: float, pid: int) -> None:
         log.info("experiment %s started as pid %d: %s", self.request.key, pid, launch.argv[1:2])
@@ -254,7 +271,8 @@ class ExperimentRun:
         outcome.output_tail = self._output_tail()
         if self.settings.update_local_db and not outcome.transient:
             roots = self.storage.local_roots
-            database.mark_finished(self.request.config, self.request.key, "finished", roots)
+            status = "stopped" if outcome.status == "aborted" else "finished"
+            database.mark_finished(self.request.config, self.request.key, status, roots)
         if not self.settings.keep_workdir:
             shutil.rmtree(self.home, ignore_errors=True)
         return outcome

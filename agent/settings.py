@@ -66,6 +66,8 @@ GO_ALIASES: dict[str, str] = {
     "amqp_url": "AMQP_URL",
     "amqp_mgmt_url": "AMQP_MGT_URL",
     "certs_dir": "CERTS_DIR",
+    "max_idle": "LIMIT_IDLE_DURATION",
+    "max_experiments": "LIMIT_TASKS",
     "pubsub_emulator_host": "PUBSUB_EMULATOR_HOST",
     "slack_hook": "SLACK_HOOK",
     "slack_room": "SLACK_ROOM",
@@ -82,6 +84,12 @@ def _default_state_dir() -> Path:
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     xdg = os.environ.get("XDG_STATE_HOME")
     return (Path(xdg) if xdg else home() / ".local" / "state") / "studio-agent"
+
+
+def _default_control_socket() -> Path | None:
+    # systemd's RuntimeDirectory= exports RUNTIME_DIRECTORY (the unit's /run/studio-agent).
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) / "control.sock" if runtime else None
 
 
 def _default_cache_dir() -> Path:
@@ -120,6 +128,15 @@ class Settings(BaseSettings):
     # Clear-text messages on queues without a signing key (certs/queues/signing): "refuse" takes
     # only signed, encrypted ones everywhere (the Go runner's CLEAR_TEXT_MESSAGES, inverted).
     clear_text: Literal["accept", "refuse"] = "accept"
+    # The operator's control socket (agent.control); unset: <state_dir>/control.sock.
+    control_socket: Path | None = Field(default_factory=lambda: _default_control_socket())
+    # Exit (code 79, not restarted) after this long without an experiment, or once this many
+    # have been started and settled: for autoscaling groups and spot fleets. 0: never. (The Go
+    # runner's --limit-idle-duration and --limit-tasks; max_tasks here is a run's process limit.)
+    max_idle: Duration = 0.0
+    # How often a running experiment's record is read for `studio runs stop` (0: never).
+    stop_check: Duration = parse_duration("10s")
+    max_experiments: int = Field(default=0, ge=0)
     # -- the queue backends, a section each (agent.queue_settings; flat aliases accepted) --
     local: LocalSettings = Field(default_factory=LocalSettings)
     rabbitmq: RabbitSettings = Field(default_factory=RabbitSettings)
@@ -188,6 +205,10 @@ class Settings(BaseSettings):
     @property
     def effective_work_dir(self) -> Path:
         return self.work_dir or self.state_dir / "work"
+
+    @property
+    def effective_control_socket(self) -> Path:
+        return self.control_socket or self.state_dir / "control.sock"
 
     @property
     def effective_local_storage(self) -> tuple[Path, ...]:

@@ -33,6 +33,7 @@ def write_status(
     resources: dict[str, Any] | None = None,  # Admission.describe(): GPUs and who holds them
     protections: dict[str, str] | None = None,  # Sandbox.protections(): "" or why it is off
     message_keys: dict[str, Any] | None = None,  # MessageKeys.describe(): fingerprints only
+    control: dict[str, Any] | None = None,  # Operator.describe(): drain and pauses
 ) -> None:
     document = {
         "pid": os.getpid(),
@@ -50,6 +51,7 @@ def write_status(
         "resources": resources or {},
         "protections": protections or {},
         "message_keys": message_keys or {},
+        "control": control or {},
         "backends": [b.describe() for b in subscriptions.active()],
         "retiring": [b.describe() for b in subscriptions.retiring],
         "refused": subscriptions.refused,
@@ -68,6 +70,12 @@ def render(document: dict[str, Any]) -> str:
         f"agent pid {document.get('pid')}: {document.get('state')}"
         + ("" if alive else f" (not running; last seen {age:.0f}s ago)")
     ]
+    control = document.get("control", {})
+    if control.get("draining"):
+        lines.append("  draining on the operator's command: taking nothing new (resume ends it)")
+    for target in control.get("paused", []):
+        shown, resume = ("every queue", "") if target == "*" else (target, f" {target}")
+        lines.append(f"  paused by the operator: {shown} (studio-agent resume{resume})")
     off = {k: v for k, v in document.get("protections", {}).items() if v}
     for name, why in sorted(off.items()):
         lines.append(f"  not enforced for experiments: {name} ({why})")

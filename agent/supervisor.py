@@ -16,29 +16,28 @@ Rules for a delivery:
 """
 
 import contextlib
-import fcntl
 import functools
 import logging
 import os
 import queue
 import select
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from agent import process, settling
+from agent import settling, startup
+from agent.control import ControlServer
 from agent.credentials import scan
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError
 from agent.executors.base import Executor
 from agent.experiment import ExperimentRun, Outcome
 from agent.gate import Gate, Ticket
 from agent.ledger import Record
+from agent.operator import Limits, Operator
 from agent.queues.base import Delivery, QueueBackend
 from agent.report import jobs
 from agent.report.events import Event, Events
@@ -56,6 +55,9 @@ log = logging.getLogger(__name__)
 
 # How long the loop sleeps when every backend is pushed work: it is woken for everything else.
 IDLE_TICK = 1.0
+EX_LIMIT = (
+    79  # max_idle or max_experiments reached: the unit neither restarts nor counts it a failure
+)
 
 
 @dataclass
@@ -67,17 +69,6 @@ class Job:
     thread: threading.Thread | None = None
     grant: Grant | None = None  # CPUs, RAM, disk and GPUs held until settled
     started: float = field(default_factory=time.time)
-
-
-def _close_to_others(queue_root: Path) -> None:
-    """Keep slot users out of the local queues this agent owns: their messages carry storage
-    credentials. Queue folders of other owners (a submitter's ~/.studioml/queue) are theirs."""
-    for folder in [queue_root, *(queue_root.iterdir() if queue_root.is_dir() else ())]:
-        with contextlib.suppress(OSError):
-            info = folder.stat()
-            if folder.is_dir() and info.st_uid == os.getuid() and info.st_mode & 0o007:
-                os.chmod(folder, info.st_mode & 0o770)
-                log.info("%s: closed to other users (experiments run as slot users)", folder)
 
 
 class Supervisor:
@@ -115,6 +106,10 @@ class Supervisor:
         self._state_lock: IO[bytes] | None = None
         self.admission = admission_for(settings)
         self.gate = Gate(settings, self.admission, self.events)
+        self.operator = Operator(settings.state_dir, self.events)
+        self.control: ControlServer | None = None
+        self.limits = Limits(settings)
+        self.exit_code = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -125,12 +120,13 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until stopped by a signal; return the process exit code."""
-        self._prepare_state_dir()
+        self._state_lock = startup.prepare_state_dir(self.settings, self.sandbox)
         self._say_protections()
         self._install_signal_handlers()
         self.recover()
         if self.watcher is not None:
             self.watcher.start()
+        self._open_control()
         self.notifier.ready(self.status_text())
         text = (
             f"studio-agent ready: {self.settings.max_concurrent} slot(s), "
@@ -141,16 +137,28 @@ class Supervisor:
             pass
         if self.watcher is not None:
             self.watcher.stop()
+        if self.control is not None:
+            self.control.close()
         for backend in self.subscriptions.everything():
             backend.close()
         self._write_status("stopped")
         self.notifier.close()
         self.events.emit(Event("agent_stopped", "studio-agent stopped"))
-        return 0
+        return self.exit_code
+
+    def _open_control(self) -> None:
+        server = ControlServer(self.settings.effective_control_socket, self._wake)
+        try:
+            server.start()
+        except OSError as exc:  # the agent serves on; only its operator commands are lost
+            log.error("no control channel at %s: %s", server.path, exc)
+            return
+        self.control = server
 
     def step(self) -> bool:
         """One pass of the loop; False once a drain has finished."""
         self._settle_finished()
+        self._obey()
         if not self._stop_requests:
             self._sync_credentials()
         for backend in self.subscriptions.everything():
@@ -160,13 +168,18 @@ class Supervisor:
         self.notifier.watchdog()  # from the loop itself: a hung loop stops the pings
         if self.notifier.enabled:
             self.notifier.status(self.status_text())
-        free = 0 if self._stop_requests else self.settings.max_concurrent - len(self.jobs)
+        limit = self.limits.reached(len(self.jobs))
+        taking = not (self._stop_requests or self.operator.draining or limit)
+        free = self.settings.max_concurrent - len(self.jobs) if taking else 0
         for backend in self.subscriptions.everything():
             backend.wake = self._wake  # set each pass: credential backends come and go
+            backend.hold(self.operator.holds(backend))
             backend.capacity(free if backend in self.backends else 0)
         if self._stop_requests:
             if not self._drain_step():
                 return False
+        elif limit and not self.jobs:
+            return self._exit_at_limit(limit)
         elif free > 0:
             taken = self._receive()
             if taken is not None:
@@ -186,29 +199,6 @@ class Supervisor:
         self._stop_requests += 1
         self._wake()
 
-    def _prepare_state_dir(self) -> None:
-        state, work = self.settings.state_dir, self.settings.effective_work_dir
-        state.mkdir(parents=True, exist_ok=True)
-        work.mkdir(parents=True, exist_ok=True)
-        if self.sandbox.pool is not None:
-            # Everything the agent makes is its own (the unit's UMask=0077, everywhere), and
-            # slot users may only pass through to their run dir: list nothing, read nothing.
-            os.umask(0o077)
-            cache = self.settings.cache_dir
-            cache.mkdir(parents=True, exist_ok=True)
-            for folder in (state, work, cache):
-                os.chmod(folder, 0o711)
-            _close_to_others(self.settings.local.root)
-        else:
-            os.chmod(state, 0o700)  # it holds raw messages, and those carry credentials
-        handle = (state / "agent.lock").open("ab")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ConfigError(f"{state}: another studio-agent is using this state_dir") from None
-        self._state_lock = handle
-
     def _say_protections(self) -> None:
         """Once at start: which protections this host gives experiments, which it does not."""
         if any(self.sandbox.protections().values()):
@@ -218,14 +208,7 @@ class Supervisor:
 
     def recover(self) -> None:
         """Undo what a killed predecessor left: its experiments' processes, then its messages."""
-        work = self.settings.effective_work_dir
-        if work.is_dir():
-            for run_dir in work.iterdir():
-                if process.kill_orphan(run_dir / "process.json", self.settings.kill_grace):
-                    log.warning(
-                        "killed an experiment left running by a previous agent: %s", run_dir
-                    )
-                shutil.rmtree(run_dir, ignore_errors=True)
+        startup.end_orphans(self.settings)
         self.gate.ledger.recover()  # before any message comes back: charge what the dead agent held
         for backend in self.backends:
             restored = backend.recover()
@@ -245,11 +228,47 @@ class Supervisor:
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requests += 1  # only a flag: the loop does the work on its next pass
 
-    # Set by the CLI: re-reads the config file's log_level (the supervisor knows no file).
-    reload_log_level: Callable[[], None] | None = None
+    # Set by the CLI: re-reads the config file on SIGHUP (the supervisor knows no file).
+    reload_config: Callable[[Settings], None] | None = None
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self._hup = True
+
+    # -- the operator ----------------------------------------------------------------------------
+
+    def _obey(self) -> None:
+        """Carry out the operator's commands (agent.control), from the loop."""
+        if self.control is None:
+            return
+        for command in self.control.take():
+            try:
+                self.operator.apply(command, self.abort, self._control_status)
+            except Exception as exc:  # a bug here must not take the loop down
+                log.exception("operator command %s failed", command.verb)
+                command.reply(False, f"agent error: {type(exc).__name__}")
+            self._next_status = 0.0
+
+    def abort(self, key: str, why: str) -> bool:
+        """End the running experiment ``key`` for good; False if none runs here."""
+        for job in self.jobs.values():
+            if job.run.request.key == key:
+                job.run.abort(why)
+                return True
+        return False
+
+    def _control_status(self) -> dict[str, object]:
+        return {
+            "mode": self.operator.mode(len(self.jobs)),
+            "experiments": [job.run.request.key for job in self.jobs.values()],
+            **self.operator.describe(),
+        }
+
+    def _exit_at_limit(self, why: str) -> bool:
+        """Everything is settled and a limit is reached: stop, with the code the unit keeps."""
+        self.exit_code = EX_LIMIT
+        text = f"studio-agent exiting: {why}; {self.limits.tasks} experiment(s) run"
+        self.events.emit(Event("agent_stopping", text))
+        return False
 
     # -- credentials and status ------------------------------------------------------------------
 
@@ -257,8 +276,11 @@ class Supervisor:
         """On SIGHUP re-read the log level; rescan the certs directory on a change, on SIGHUP,
         and every 30 s in any case."""
         hup, self._hup = self._hup, False
-        if hup and self.reload_log_level is not None:
-            self.reload_log_level()
+        if hup and self.reload_config is not None:
+            try:
+                self.reload_config(self.settings)
+            except Exception:  # a reload must never take the agent down
+                log.exception("SIGHUP: reloading the config failed; the running settings stay")
         if self.watcher is None:
             return
         now = time.monotonic()
@@ -287,8 +309,15 @@ class Supervisor:
     def _maybe_write_status(self) -> None:
         if time.monotonic() >= self._next_status:
             self._next_status = time.monotonic() + 2.0
-            state = "draining" if self._stop_requests else ("running" if self.jobs else "idle")
-            self._write_status(state)
+            self._write_status(self._state())
+
+    def _state(self) -> str:
+        if self._stop_requests:
+            return "stopping"
+        mode = self.operator.mode(len(self.jobs))
+        if mode != "running":
+            return mode
+        return "running" if self.jobs else "idle"
 
     def _write_status(self, state: str) -> None:
         write_status(
@@ -299,6 +328,7 @@ class Supervisor:
             self.admission.describe(),
             self.sandbox.protections(),
             self.gate.keys.keys.describe(),
+            self.operator.describe(),
         )
 
     def wake(self) -> None:
@@ -333,6 +363,9 @@ class Supervisor:
         return None
 
     def _start(self, backend: QueueBackend, delivery: Delivery) -> None:
+        if delivery.queue in self.operator.holds(backend):  # paused as it was being delivered
+            self.carry_out(backend, delivery, give_back(excused=True))
+            return
         try:
             ticket = self.gate.admit(backend, delivery)
             if isinstance(ticket, Ticket):
@@ -372,6 +405,7 @@ class Supervisor:
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
         )
         self.jobs[id(job)] = job
+        self.limits.started()
         self._next_status = 0.0
         text = f"experiment {request.key} from {where}: starting (attempt {attempts})"
         self.events.emit(
@@ -412,6 +446,7 @@ class Supervisor:
             except queue.Empty:
                 return
             self.jobs.pop(id(job), None)
+            self.limits.settled(len(self.jobs))
             self._next_status = 0.0  # studio-agent status shows it at once, not within 2 s
             if job.thread is not None:
                 job.thread.join()

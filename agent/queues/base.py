@@ -74,6 +74,7 @@ class QueueBackend(ABC):
     name: str = ""  # the credential (or config entry) it serves, for logs and status
     problem: str | None = None  # what stops it now (unreachable, refused), for status
     _paused: dict[str, float]
+    _operator_holds: set[str]
     _not_served: dict[str, str]
 
     def not_serving(self, queue: str, reason: str) -> bool:
@@ -116,6 +117,7 @@ class QueueBackend(ABC):
             "served": self.served_queues(),
             "not_served": dict(getattr(self, "_not_served", {})),
             "paused": paused,
+            "held": sorted(getattr(self, "_operator_holds", ())),
             "problem": self.problem,
         }
 
@@ -126,8 +128,19 @@ class QueueBackend(ABC):
         self._paused[queue] = time.monotonic() + seconds
 
     def paused(self, queue: str) -> bool:
+        if queue in getattr(self, "_operator_holds", ()):
+            return True
         until = getattr(self, "_paused", {}).get(queue)
         return until is not None and time.monotonic() < until
+
+    def hold(self, queues: set[str]) -> None:
+        """Take nothing from ``queues`` until they are no longer named (the operator's pause,
+        which no timed pause or admission's reopening lifts)."""
+        released: set[str] = getattr(self, "_operator_holds", set()) - queues
+        self._operator_holds = set(queues)
+        for queue in released:  # a pause that ends now: the backend looks at it again
+            if not self.paused(queue):
+                self.pause(queue, 0.0)
 
     def pause_ended_since(self, moment: float) -> bool:
         """Whether a queue's pause ran out after ``moment`` (monotonic): look at it again."""

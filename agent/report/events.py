@@ -22,6 +22,7 @@ Kind = Literal[
     "experiment_finished",
     "message_rejected",
     "credential_refused",
+    "operator_control",
 ]
 
 

@@ -1,4 +1,5 @@
-"""The StudioML experiment record, for stores the agent can reach (``database: {type: local}``).
+"""The StudioML experiment record, for stores the agent can reach (``database: {type: local}``;
+``read_status`` also reads an S3 database, for ``studio runs stop``).
 
 The Go runner never touches it; the Python worker sets ``status`` and the ``time_*`` fields. We do
 what the Python worker does, so ``studio runs list`` and scripts polling the record see progress,
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
-from agent.request import StudioConfig
-from agent.storage import local_root
+from agent.request import Artifact, StudioConfig
+from agent.storage import local_root, resolve
+from agent.storage.base import StorageOptions
 from agent.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,13 @@ def read_record(config: StudioConfig, key: str, roots: tuple[Path, ...]) -> dict
 
 
 def update_record(config: StudioConfig, key: str, roots: tuple[Path, ...], **fields: Any) -> bool:
-    """Merge ``fields`` into the record if it exists; True when written. Never raises."""
+    """Merge ``fields`` into the record if it exists; True when written. Never raises. A record
+    that ``studio runs stop`` marked stopped is never made running again."""
     store = _store(config, roots)
     record = read_record(config, key, roots)
     if store is None or record is None:
+        return False
+    if record.get("status") == "stopped" and fields.get("status") == "running":
         return False
     record.update(fields)
     try:
@@ -68,3 +73,34 @@ def mark_finished(config: StudioConfig, key: str, status: str, roots: tuple[Path
     return update_record(
         config, key, roots, status=status, time_finished=now, time_last_checkpoint=now
     )
+
+
+def read_status(config: StudioConfig, key: str, options: StorageOptions) -> str | None:
+    """The record's ``status`` in a local or S3 database; None when it cannot be read."""
+    database = config.database
+    kind = database.type if database else None
+    if kind == "local":
+        record = read_record(config, key, options.local_roots)
+    elif kind == "s3":
+        record = _read_s3_record(config, key, options)
+    else:
+        return None
+    status = record.get("status") if record else None
+    return status if isinstance(status, str) else None
+
+
+def _read_s3_record(
+    config: StudioConfig, key: str, options: StorageOptions
+) -> dict[str, Any] | None:
+    # The database is a store like config.storage: the same rules for where it may point
+    # (agent.trust's endpoints) and the same credentials lookup, through the same resolver.
+    as_storage = config.model_copy(update={"storage": config.database})
+    record = Artifact(key=f"experiments/{key}")
+    try:
+        store, object_key = resolve("database", record, as_storage, options)
+        with store.open_read(object_key) as stream:
+            data = json.loads(stream.read(MAX_RECORD))
+    except (AgentError, OSError, ValueError, RecursionError) as exc:
+        log.debug("experiment record %s not read: %s", key, exc)
+        return None
+    return data if isinstance(data, dict) else None

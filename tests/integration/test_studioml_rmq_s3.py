@@ -58,13 +58,16 @@ def studio_run(
     assert submitted.returncode == 0, submitted.stderr[-3000:]
 
 
-def rabbitmq_layout(layout: Callable[..., Layout], broker: RabbitBroker, queue: str) -> Layout:
+def rabbitmq_layout(
+    layout: Callable[..., Layout], broker: RabbitBroker, queue: str, **overrides: object
+) -> Layout:
     """An agent serving ``queue`` alone on ``broker``, discovering it within a second."""
     return layout(
         amqp_url=broker.amqp_url,
         amqp_mgmt_url=broker.mgmt_url,
         amqp_refresh="1s",
         queue_match=f"^{queue}$",
+        **overrides,
     )
 
 

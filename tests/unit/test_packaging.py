@@ -18,10 +18,11 @@ SERVICE_ENV = {
     "HOME": "/var/lib/studio-agent",
     "STATE_DIRECTORY": "/var/lib/studio-agent",
     "CACHE_DIRECTORY": "/var/cache/studio-agent",
+    "RUNTIME_DIRECTORY": "/run/studio-agent",
 }
 _KEY = re.compile(r"^(?:# )?(  )?([a-z_0-9]+):(?: (.*))?$")
 # Set, not commented: a shell (studio-agent status) has no STATE_DIRECTORY to go by.
-SET_KEYS = {"state_dir", "cache_dir"}
+SET_KEYS = {"state_dir", "cache_dir", "control_socket"}
 
 
 @pytest.fixture
