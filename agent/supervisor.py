@@ -47,6 +47,7 @@ from agent.resources import Grant, admission_for
 from agent.sandbox import Sandbox
 from agent.settings import Settings
 from agent.settlement import Settlement, give_back
+from agent.shutdown import Shutdown
 from agent.status import write_status
 from agent.subscriptions import Subscriptions
 from agent.watch import FolderWatcher
@@ -90,15 +91,13 @@ class Supervisor:
         self.executor = executor
         self.watcher = watcher
         self.notifier = notifier or Notifier()
-        self._next_extend = 0.0
         self._hup = False
         self._next_scan = 0.0
         self._next_status = 0.0
         self.jobs: dict[int, Job] = {}
         self.finished: queue.Queue[tuple[Job, Outcome]] = queue.Queue()
         self._stop_requests = 0
-        self._drain_deadline: float | None = None
-        self._cancelled = False
+        self.shutdown = Shutdown(settings, self.notifier, self.events)
         self._next_backend = 0
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -176,7 +175,7 @@ class Supervisor:
             backend.hold(self.operator.holds(backend))
             backend.capacity(free if backend in self.backends else 0)
         if self._stop_requests:
-            if not self._drain_step():
+            if not self.shutdown.step(self._stop_requests, self.jobs, self.status_text()):
                 return False
         elif limit and not self.jobs:
             return self._exit_at_limit(limit)
@@ -296,7 +295,7 @@ class Supervisor:
     def status_text(self) -> str:
         """One line for ``systemctl status``."""
         if self._stop_requests:
-            left = max((self._drain_deadline or time.monotonic()) - time.monotonic(), 0.0)
+            left = self.shutdown.time_left()
             return f"draining, {len(self.jobs)} experiment(s), {left:.0f} s left"
         if self.jobs:
             keys = ", ".join(job.run.request.key for job in self.jobs.values())
@@ -478,36 +477,3 @@ class Supervisor:
 
     def _report_outcome(self, job: Job, outcome: Outcome) -> None:
         self.events.emit(jobs.outcome_event(job.run.request, outcome, self._job_fields(job)))
-
-    # -- draining ------------------------------------------------------------------------------
-
-    def _drain_step(self) -> bool:
-        """Advance the drain; False when nothing is left running."""
-        now = time.monotonic()
-        if self._drain_deadline is None:
-            self._drain_deadline = now + self.settings.drain_timeout
-            self.notifier.stopping(self.status_text())
-            text = (
-                f"studio-agent stopping: draining {len(self.jobs)} experiment(s), "
-                f"up to {self.settings.drain_timeout:.0f}s"
-            )
-            self.events.emit(Event("agent_stopping", text))
-        if self._stop_requests > 1:
-            self._drain_deadline = min(self._drain_deadline, now)
-        if not self.jobs:
-            return False
-        if now >= self._next_extend:
-            # Ask systemd for the drain's remaining time plus room to stop and upload, so its
-            # TimeoutStopSec= need not cover the longest drain.
-            self._next_extend = now + 5.0
-            left = max(self._drain_deadline - now, 0.0)
-            self.notifier.extend_timeout(left + self.settings.kill_grace + 60.0)
-        if now >= self._drain_deadline and not self._cancelled:
-            log.warning(
-                "drain time is up: stopping %d experiment(s); their messages go back",
-                len(self.jobs),
-            )
-            for job in self.jobs.values():
-                job.run.cancel()
-            self._cancelled = True
-        return True
