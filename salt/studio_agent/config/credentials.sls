@@ -6,7 +6,16 @@
 {%- set tplroot = tpldir.split("/")[0] %}
 {%- from tplroot ~ "/map.jinja" import mapdata as studio_agent with context %}
 {%- set sls_package = tplroot ~ '.package' %}
-{%- set pattern = '^(rabbitmq/[^/.][^/]*|sqs/[^/.][^/]*/(credentials|config)|pubsub/[^/.][^/]*[.]json|message/encryption/ssh-privatekey|message/passphrase/ssh-passphrase|queues/signing/[^/.][^/]*)$' %}
+{#- The certs dir's layout: credential files, and the keys of encrypted, signed messages. #}
+{%- set forms = [
+      'rabbitmq/[^/.][^/]*',
+      'sqs/[^/.][^/]*/(credentials|config)',
+      'pubsub/[^/.][^/]*[.]json',
+      'message/encryption/ssh-privatekey',
+      'message/passphrase/ssh-passphrase',
+      'queues/signing/[^/.][^/]*',
+    ] %}
+{%- set pattern = '^(' ~ forms | join('|') ~ ')$' %}
 
 include:
   - {{ sls_package }}
