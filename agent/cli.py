@@ -156,6 +156,7 @@ def run_command(settings: Settings, level: str | None, config: Path | None = Non
         )
         if metrics is not None:
             metrics.resources.probe = Resources(settings.effective_work_dir, supervisor.admission)
+            metrics.queues.probe = supervisor.served_queues
         return supervisor.run()
 
 

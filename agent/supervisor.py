@@ -255,6 +255,15 @@ class Supervisor:
                 return True
         return False
 
+    def served_queues(self) -> list[tuple[str, str, bool]]:
+        """(backend, queue, taking work) for each queue served, for the metrics (any thread)."""
+        found = []
+        for backend in list(self.backends):
+            held = self.operator.holds(backend)
+            name = f"{backend.kind}/{backend.name}" if backend.name else backend.kind
+            found += [(name, queue, queue not in held) for queue in backend.served_queues()]
+        return found
+
     def _control_status(self) -> dict[str, object]:
         return {
             "mode": self.operator.mode(len(self.jobs)),

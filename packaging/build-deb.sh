@@ -10,7 +10,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 SOURCES=(
   agent debian pyproject.toml requirements/runtime.lock README.md
-  packaging/agent.yaml packaging/studio-agent.service
+  packaging/agent.yaml packaging/studio-agent.service packaging/monitoring
 )
 if [ "${1:-}" = --sources ]; then printf '%s\n' "${SOURCES[@]}"; exit 0; fi
 out=$(realpath -m "${1:-$root/dist}")

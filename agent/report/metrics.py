@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -124,6 +131,28 @@ class _ResourceCollector(Collector):
             yield family
 
 
+class _QueueCollector(Collector):
+    """``studio_agent_queue_served{backend, queue}``: 1 for each queue the agent takes work
+    from, 0 while the operator holds it; read at each scrape, so the alert rules can tell a
+    backlog that no agent serves (packaging/monitoring)."""
+
+    def __init__(self) -> None:
+        self.probe: Callable[[], Iterable[tuple[str, str, bool]]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "studio_agent_queue_served",
+            "queues served (0: held by the operator)",
+            labels=["backend", "queue"],
+        )
+        try:
+            for backend, queue, taking in self.probe():
+                family.add_metric([backend, queue], 1.0 if taking else 0.0)
+        except Exception:
+            log.exception("metrics: listing the served queues failed")
+        yield family
+
+
 class _GoNames(Collector):
     """Re-exports counters under their exact Go names (no ``_total``, no ``_created``)."""
 
@@ -150,6 +179,10 @@ class Metrics:
         self.registry.register(_GoNames(go))
         self.resources = _ResourceCollector(self.host, probe)  # its probe may be replaced later
         self.registry.register(self.resources)
+        self.queues = _QueueCollector()  # its probe is set once the supervisor exists
+        self.registry.register(self.queues)
+        # process_start_time_seconds and friends: the rules count restarts (watchdog included)
+        ProcessCollector(registry=self.registry)
         self.running = Gauge(
             "runner_project_running",
             "experiments running now",

@@ -82,8 +82,8 @@ LOWEST_PORT = 20000
 # range and is shared with every other node's CLI.
 CTL_PORTS = 4
 # amqp, management, distribution, epmd, then the CTL_PORTS, then amqps and management https
-# (reserved whether or not the node listens with TLS).
-PORTS_PER_NODE = 4 + CTL_PORTS + 2
+# (reserved whether or not the node listens with TLS), then the Prometheus plugin's port.
+PORTS_PER_NODE = 4 + CTL_PORTS + 3
 _GUEST_AUTH = "Basic " + base64.b64encode(b"guest:guest").decode()
 # Never through an http_proxy from the environment: the broker is on our loopback.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -102,8 +102,8 @@ class RabbitBroker:
         self.amqp_port, self.mgmt_port, self.dist_port, self.epmd_port = range(
             first_port, first_port + 4
         )
-        self.amqps_port, self.mgmt_https_port = range(
-            first_port + 4 + CTL_PORTS, first_port + 6 + CTL_PORTS
+        self.amqps_port, self.mgmt_https_port, self.prometheus_port = range(
+            first_port + 4 + CTL_PORTS, first_port + 7 + CTL_PORTS
         )
         self.node = f"rabbit_test_{first_port}@localhost"
         self.amqp_url = f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/%2f"
@@ -161,6 +161,10 @@ class RabbitBroker:
             f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
             "management.tcp.ip = 127.0.0.1\n"
             f"management.tcp.port = {self.mgmt_port}\n"
+            # rabbitmq_prometheus, per queue: what the backlog alert of packaging/monitoring reads.
+            "prometheus.tcp.ip = 127.0.0.1\n"
+            f"prometheus.tcp.port = {self.prometheus_port}\n"
+            "prometheus.return_per_object_metrics = true\n"
             # Message counts in /api/queues lag by the smallest sample interval of these
             # policies (5 s by default) plus the statistics interval. Each section must be set.
             "collect_statistics_interval = 500\n"
@@ -170,10 +174,10 @@ class RabbitBroker:
             "log.console = false\n"
             "log.file.level = info\n" + self._tls_config()
         )
-        # What `rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_event_exchange`
-        # writes, without its 1.2 s.
+        # What `rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_event_exchange
+        # rabbitmq_prometheus` writes, without its 1.2 s.
         (self.base / "enabled_plugins").write_text(
-            "[rabbitmq_management,rabbitmq_event_exchange].\n"
+            "[rabbitmq_management,rabbitmq_event_exchange,rabbitmq_prometheus].\n"
         )
 
     def _tls_config(self) -> str:
