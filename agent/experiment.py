@@ -88,6 +88,7 @@ class ExperimentRun:
         self.confinement: Confinement | None = None
         self._cancelled = threading.Event()
         self.aborted = ""  # why, once abort() was called
+        self.pid = 0  # the experiment's process, once started (for studio-agent status)
         self.saver = Checkpointer(self.ctx, settings, self.storage)
         self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
         self.on_phase = on_phase
@@ -248,6 +249,7 @@ class ExperimentRun:
             self._note(outcome.detail)
 
     def _started(self, launch: Launch, limit: float, pid: int) -> None:
+        self.pid = pid
         log.info("experiment %s started as pid %d: %s", self.request.key, pid, launch.argv[1:2])
         self._record(f"started as pid {pid}, time limit {limit:.0f}s")
 

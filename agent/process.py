@@ -61,6 +61,15 @@ def tree(leader: int) -> set[int]:
     return members
 
 
+def tree_memory(leader: int) -> int:
+    """Resident bytes of ``leader``'s tree now (0 when it is gone)."""
+    total = 0
+    for pid in tree(leader):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((PROC / str(pid) / "statm").read_text().split()[1])
+    return total * os.sysconf("SC_PAGE_SIZE")
+
+
 def signal_tree(leader: int, sig: signal.Signals) -> int:
     """Send ``sig`` to the whole tree; return how many processes it reached."""
     reached = 0

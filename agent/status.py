@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent import process
 from agent.subscriptions import Subscriptions
 
 STATUS_FILE = "status.json"
@@ -23,6 +24,8 @@ class _Job(Protocol):
     def delivery(self) -> Any: ...
     @property
     def run(self) -> Any: ...
+    @property
+    def started(self) -> float: ...
 
 
 def write_status(
@@ -45,6 +48,8 @@ def write_status(
                 "queue": job.delivery.queue,
                 "backend": job.backend.name or job.backend.kind,
                 "gpus": list(job.run.ctx.gpus),
+                "elapsed_s": round(time.time() - job.started),
+                "memory_bytes": process.tree_memory(job.run.pid) if job.run.pid else 0,
             }
             for job in jobs
         ],
@@ -81,7 +86,8 @@ def render(document: dict[str, Any]) -> str:
         lines.append(f"  not enforced for experiments: {name} ({why})")
     for job in document.get("experiments", []):
         gpus = f" on {', '.join(job['gpus'])}" if job.get("gpus") else ""
-        lines.append(f"  running {job['key']} from {job['backend']}:{job['queue']}{gpus}")
+        took = f", {job.get('elapsed_s', 0)}s, {job.get('memory_bytes', 0) / 2**20:.0f} MiB"
+        lines.append(f"  running {job['key']} from {job['backend']}:{job['queue']}{gpus}{took}")
     for queue, reason in sorted(document.get("resources", {}).get("waiting", {}).items()):
         lines.append(f"  queue {queue} waits for room: {reason}")
     for section in ("backends", "retiring"):

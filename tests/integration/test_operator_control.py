@@ -64,6 +64,15 @@ def test_drain_finishes_what_runs_takes_nothing_new_and_stays_up(
     ready(agent, lay)
     running = submit_script(lay, SLEEP, "3").key
     wait_until(lambda: started(agent, running), 120, "the first run")
+
+    def shown() -> list[dict[str, object]]:
+        jobs = status(lay)["experiments"]
+        assert isinstance(jobs, list)
+        return jobs
+
+    # status answers what runs, for how long, with how much memory
+    wait_until(lambda: [j for j in shown() if int(j["memory_bytes"]) > 2**20], 30, "its memory")
+    assert shown()[0]["key"] == running
     drained = control(lay, "drain")
     assert drained.returncode == 0, drained.stderr
     assert "drain: finishing what runs, taking nothing new" in drained.stdout
