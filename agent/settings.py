@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     cache_size: Size = parse_size("20GiB")
+    image_cache_size: Size = parse_size("50GiB")  # pulled and downloaded images; 0: no limit
     work_dir: Path | None = None
     max_concurrent: int = Field(default=1, ge=1, le=256)
     max_attempts: int = Field(default=5, ge=1)

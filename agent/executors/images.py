@@ -12,11 +12,18 @@ An image is named either by the operator (``container_image``) or by the request
 
 Every image file is written under a temporary name and renamed into place, under a flock, so
 concurrent runs on one host fetch an image once and never see half of one.
+
+Pulled and downloaded images are a cache of at most ``image_cache_size``: after each new image,
+the least recently used ones are removed until the rest fit, never one that a run holds (each
+run holds a shared flock on ``<image>.use`` until it ends; removal needs the exclusive one).
+Host paths are the operator's files and never removed.
 """
 
 import fcntl
+import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,7 +31,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +39,8 @@ from agent.errors import EnvironmentFailed
 from agent.executors.base import Fetch
 from agent.request import Artifact, Request, StudioConfig
 from agent.settings_types import ImageSource
+
+log = logging.getLogger(__name__)
 
 ARTIFACT = "_singularity"
 PULL_SCHEMES: dict[str, ImageSource] = {
@@ -58,10 +67,12 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class LocalImage:
-    """An image on this host, ready for ``exec``; ``digest`` names its content."""
+    """An image on this host, ready for ``exec``; ``digest`` names its content. ``release``
+    ends the run's hold on a cached image (after which it may be evicted)."""
 
     path: Path
     digest: str
+    release: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
 
 
 def parse_reference(text: str) -> ImageRef:
@@ -132,11 +143,37 @@ def _publish(partial: Path, image: Path) -> None:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, operation: int = fcntl.LOCK_EX) -> Iterator[None]:
     _shared_dir(path.parent)
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, operation)
         yield
+
+
+def _close_once(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
+
+
+def _remove_if_unheld(image: Path) -> bool:
+    """Remove a cached image (and its digest file) unless a run holds it; True if removed."""
+    stamp = image.with_name(image.name + ".use")
+    try:
+        fd = os.open(stamp, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False  # in use
+    try:
+        image.unlink(missing_ok=True)
+        image.with_suffix("").unlink(missing_ok=True)  # a pull's digest file
+        stamp.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _say(log: BinaryIO, text: str) -> None:
@@ -147,9 +184,10 @@ def _say(log: BinaryIO, text: str) -> None:
 class ImageStore:
     """Images on this host: pulled ones, downloaded ones, and host paths (used in place)."""
 
-    def __init__(self, root: Path, pull: Puller) -> None:
+    def __init__(self, root: Path, pull: Puller, max_bytes: int = 0) -> None:
         self.root = root
         self._pull = pull
+        self.max_bytes = max_bytes  # 0: no limit
         self._digests: dict[tuple[int, int, int, int], str] = {}
         self._digests_lock = threading.Lock()
 
@@ -158,11 +196,68 @@ class ImageStore:
     ) -> LocalImage:
         """The image on this host; ``fetch`` downloads a stored one by the run's policy."""
         _shared_dir(self.root)
-        if ref.artifact is not None:
-            return self._stored(ref.artifact, config, log, fetch)
-        if ref.source == "file":
+        if ref.source == "file" and ref.artifact is None:
             return self._host_path(Path(ref.location))
-        return self._pulled(ref.location, log)
+        with self._lock_for_eviction():
+            if ref.artifact is not None:
+                image = self._stored(ref.artifact, config, log, fetch)
+            else:
+                image = self._pulled(ref.location, log)
+            held = self._hold(image)
+        self.evict()
+        return held
+
+    # -- the cache's size ---------------------------------------------------------------------
+
+    @contextmanager
+    def _lock_for_eviction(self) -> Iterator[None]:
+        # Finding or fetching an image and taking its hold happen under the shared side, so
+        # eviction (the exclusive side) never removes an image between the two.
+        with _locked(self.root / "evict.lock", fcntl.LOCK_SH):
+            yield
+
+    def _hold(self, image: LocalImage) -> LocalImage:
+        stamp = image.path.with_name(image.path.name + ".use")
+        fd = os.open(stamp, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.utime(fd)  # last use
+        return replace(image, release=functools.partial(_close_once, [fd]))
+
+    def cached(self) -> list[tuple[float, Path, int]]:
+        """(last use, image, bytes) of every pulled or downloaded image."""
+        found = []
+        for image in [*self.root.glob("pulled/*.sif"), *self.root.glob("blobs/*.sif")]:
+            stamp = image.with_name(image.name + ".use")
+            try:
+                found.append((stamp.stat().st_mtime, image, image.stat().st_size))
+            except OSError:
+                continue  # being removed, or never held yet
+        return sorted(found)
+
+    def evict(self) -> None:
+        """Remove the least recently used images no run holds until the rest fit."""
+        if self.max_bytes <= 0:
+            return
+        # Never waits: while another run finds or fetches an image (a pull may take an hour),
+        # this one goes on and the next new image evicts.
+        with (self.root / "evict.lock").open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            self._evict_unheld()
+
+    def _evict_unheld(self) -> None:
+        images = self.cached()
+        total = sum(size for _, _, size in images)
+        for _, image, size in images:
+            if total <= self.max_bytes:
+                return
+            if _remove_if_unheld(image):
+                total -= size
+                log.info(
+                    "image cache: removed %s (%d MiB), least recently used", image.name, size >> 20
+                )
 
     # -- registry references ------------------------------------------------------------------
 
@@ -181,7 +276,6 @@ class ImageStore:
                     _publish(partial, image)
                 finally:
                     partial.unlink(missing_ok=True)
-            os.utime(digest_file)  # last use, for whoever prunes the cache
             return LocalImage(image, digest_file.read_text().strip())
 
     # -- objects in the request's storage -----------------------------------------------------

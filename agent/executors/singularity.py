@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 from agent.errors import ConfigError, EnvironmentFailed, TransientError
 from agent.executors.base import Executor, Launch, RunContext
 from agent.executors.containerenv import MOUNT, ContainerEnvCache, ImagePython
+from agent.executors.envcache import EnvLease
 from agent.executors.images import (
     ImageStore,
     LocalImage,
@@ -158,7 +159,7 @@ class SingularityExecutor(Executor):
         root = settings.cache_dir / "containers"
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o711)  # runs under a slot identity pass through to images and envs
-        self.images = ImageStore(root / "images", self._pull)
+        self.images = ImageStore(root / "images", self._pull, settings.image_cache_size)
         self.envs = ContainerEnvCache(root / "envs", settings.cache_size, settings.pass_env)
         self._pythons: dict[str, ImagePython] = {}
         self._pythons_lock = threading.Lock()
@@ -208,7 +209,7 @@ class SingularityExecutor(Executor):
         wrap = functools.partial(
             self._wrap, runtime, action, image, ctx, lease.path if lease else None, base_env
         )
-        return Launch(argv=argv, release=lease.release if lease else lambda: None, wrap=wrap)
+        return Launch(argv=argv, release=functools.partial(_release, image, lease), wrap=wrap)
 
     def image_python(self, runtime: Runtime, image: LocalImage, ctx: RunContext) -> ImagePython:
         """The image's python3 (version, libc, machine), probed once per image content."""
@@ -307,3 +308,10 @@ class SingularityExecutor(Executor):
             inner["PATH"] = f"{MOUNT}/bin:{CONTAINER_PATH}"
             inner["PYTHONPATH"] = ":".join(p for p in (MOUNT, env.get("PYTHONPATH")) if p)
         return inner
+
+
+def _release(image: LocalImage, lease: EnvLease | None) -> None:
+    """After the run: its environment's lease, and its hold on the image (now evictable)."""
+    if lease is not None:
+        lease.release()
+    image.release()

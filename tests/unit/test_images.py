@@ -4,6 +4,8 @@ import hashlib
 import io
 import shutil
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,6 +17,7 @@ from agent.executors.containerenv import ImagePython
 from agent.executors.images import (
     ImageRef,
     ImageStore,
+    LocalImage,
     check_allowed,
     parse_reference,
     reference_for,
@@ -181,6 +184,59 @@ def test_pull_happens_once_per_reference(tmp_path: Path) -> None:
     assert pulls == ["docker://python:3.11"]
     assert first.digest == hashlib.sha256(b"pulled docker://python:3.11").hexdigest()
     assert [p.suffix for p in first.path.parent.iterdir() if p.suffix == ".partial"] == []
+
+
+def sized_pull(size: int) -> tuple[list[str], Callable[[str, Path, BinaryIO], None]]:
+    pulls: list[str] = []
+
+    def pull(uri: str, target: Path, log: BinaryIO) -> None:
+        pulls.append(uri)
+        target.write_bytes(uri.encode().ljust(size, b"\0"))
+
+    return pulls, pull
+
+
+def test_the_least_recently_used_unheld_image_is_evicted_past_the_cap(tmp_path: Path) -> None:
+    pulls, pull = sized_pull(1000)
+    images = ImageStore(tmp_path / "cache", pull, max_bytes=2500)  # room for two
+
+    def run(name: str) -> LocalImage:
+        ref = ImageRef("docker", f"docker://{name}")
+        return images.materialize(ref, StudioConfig(), io.BytesIO(), local_fetch(tmp_path))
+
+    old = run("old")
+    old.release()
+    time.sleep(0.01)  # the last-use stamps must differ
+    kept = run("kept")
+    kept.release()
+    time.sleep(0.01)
+    again = run("old")  # used again: now more recent than "kept"
+    assert again.path == old.path
+    again.release()
+    time.sleep(0.01)
+    newest = run("newest")  # three images, room for two: "kept" is the least recently used
+    assert not kept.path.exists()
+    assert old.path.exists()
+    assert newest.path.exists()
+    assert pulls == ["docker://old", "docker://kept", "docker://newest"]
+    assert sum(size for _, _, size in images.cached()) <= 2500
+    assert run("kept").path.exists()  # evicted, so pulled again when asked for
+    assert pulls[-1] == "docker://kept"
+
+
+def test_an_image_in_use_is_never_evicted(tmp_path: Path) -> None:
+    _, pull = sized_pull(1000)
+    images = ImageStore(tmp_path / "cache", pull, max_bytes=1500)  # room for one
+    refs = [ImageRef("docker", f"docker://{n}") for n in ("a", "b", "c")]
+    held = [
+        images.materialize(r, StudioConfig(), io.BytesIO(), local_fetch(tmp_path)) for r in refs
+    ]
+    assert all(image.path.exists() for image in held)  # all three run: over the cap, all kept
+    held[0].release()
+    held[1].release()
+    images.evict()
+    assert [image.path.exists() for image in held] == [False, False, True]
+    held[2].release()
 
 
 @pytest.mark.apptainer
