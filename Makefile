@@ -9,7 +9,7 @@ SALT_LINT := .cache/salt-lint
 ANSIBLE_VERSIONS := ansible-core==2.19.14 ansible-lint==26.10.1
 SALT_LINT_VERSIONS := salt-lint==0.9.2
 
-.PHONY: venv demo test unit lint format bench studioml-client clean deb lint-deploy deploy-tools
+.PHONY: venv demo test test-host unit lint format bench studioml-client clean deb lint-deploy deploy-tools
 
 venv: $(BIN)/studio-agent
 
@@ -63,7 +63,12 @@ unit: venv
 
 # pytest exits 5 when it collected nothing: say so, and fail.
 # deploy-tools: ansible-playbook for tests/system/test_deploy_ansible.py (the .deb builds itself).
-test: lint studioml-client deploy-tools
+# What the machine lacks (Debian packages, Apptainer): installed as root, else named with the
+# one command to run (scripts/setup-test-host.sh).
+test-host:
+	scripts/setup-test-host.sh
+
+test: test-host lint studioml-client deploy-tools
 	$(BIN)/python -m pytest; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc
 
 bench: venv studioml-client

@@ -16,7 +16,7 @@ import signal
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("studio-agent crashed")
         return EX_SOFTWARE
+
+
+def _progress() -> "Callable[[str, float], None]":
+    """A progress line for long waits, on a terminal only (a pipe gets the result alone)."""
+
+    def show(status: str, waited: float) -> None:
+        print(f"\r{status}, {waited:.0f}s ", end="", file=sys.stderr, flush=True)
+
+    return show if sys.stderr.isatty() else (lambda status, waited: None)
 
 
 def check_config(file: Path | None) -> int:
@@ -262,17 +271,19 @@ def submit_command(settings: Settings, options: argparse.Namespace) -> int:
         )
     if options.wait is None:
         return EX_OK
-    if wait_for(request.config, request.key, options.wait, sub.storage) is None:
+    record = wait_for(request.config, request.key, options.wait, sub.storage, _progress())
+    if record is None:
         print(
             f"experiment {request.key} did not finish within {options.wait:.0f}s", file=sys.stderr
         )
         return EX_TEMPFAIL
-    _print_results(sub.storage / "artifacts" / "experiments" / request.key)
+    folder = sub.storage / "artifacts" / "experiments" / request.key
+    _print_results(folder, str(record.get("status")))
     return EX_OK
 
 
-def _print_results(folder: Path) -> None:
-    print(f"finished; results in {folder}/")
+def _print_results(folder: Path, status: str = "finished") -> None:
+    print(f"{status}; results in {folder}/")
     for tar_path in sorted(folder.glob("*.tar")):
         print(f"  {tar_path.name}")
     output = folder / "output.tar"

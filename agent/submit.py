@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,13 +138,21 @@ def submit(sub: Submission) -> Request:
     return Request.model_validate(message)
 
 
-def wait_for(config: StudioConfig, key: str, timeout: float, store: Path) -> dict[str, Any] | None:
-    """Poll the experiment record in ``store`` until the agent marks it finished; None on
-    timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for(
+    config: StudioConfig,
+    key: str,
+    timeout: float,
+    store: Path,
+    progress: Callable[[str, float], None] = lambda status, waited: None,
+) -> dict[str, Any] | None:
+    """Poll the experiment record in ``store`` until the agent marks it finished (or stopped);
+    None on timeout. ``progress`` hears the record's status and the seconds waited."""
+    began = time.monotonic()
+    while time.monotonic() < began + timeout:
         record = database.read_record(config, key, (store,))
-        if record and record.get("status") == "finished":
+        status = str(record.get("status", "waiting")) if record else "waiting"
+        if status in ("finished", "stopped"):
             return record
+        progress(status, time.monotonic() - began)
         time.sleep(0.2)
     return None
