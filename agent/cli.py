@@ -160,8 +160,12 @@ def run_command(settings: Settings, level: str | None, config: Path | None = Non
         supervisor = Supervisor(settings, subscriptions, build_executor(settings), watcher)
         if watcher is not None:
             watcher.wake = supervisor.wake
+        pool = supervisor.sandbox.pool
         supervisor.reload_config = ConfigReload(
-            config, level or settings.log_level, pinned=level is not None
+            config,
+            level or settings.log_level,
+            pinned=level is not None,
+            slots=pool.size if pool is not None else None,
         )
         if metrics is not None:
             metrics.resources.probe = Resources(settings.effective_work_dir, supervisor.admission)

@@ -44,10 +44,11 @@ class Operator:
 
     def holds(self, backend: QueueBackend) -> set[str]:
         """The queues of ``backend`` that a pause names."""
+        paused = frozenset(self.paused)  # a copy: the metrics thread asks too
         names = {backend.name, f"{backend.kind}/{backend.name}", backend.kind, EVERYTHING}
-        if names & self.paused:
+        if names & paused:
             return set(backend.served_queues())
-        return {q for q in backend.served_queues() if q in self.paused}
+        return {q for q in backend.served_queues() if q in paused}
 
     def describe(self) -> dict[str, Any]:
         return {

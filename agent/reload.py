@@ -34,9 +34,12 @@ LIVE = (
 
 
 class ConfigReload:
-    def __init__(self, config: Path | None, level: str, pinned: bool = False) -> None:
+    def __init__(
+        self, config: Path | None, level: str, pinned: bool = False, slots: int | None = None
+    ) -> None:
         self.config = config
         self.level = LevelReload(config, level, pinned)
+        self.slots = slots  # slot users: max_concurrent may not exceed them (agent.sandbox)
 
     def __call__(self, running: Settings) -> None:
         self.level()  # logs its own change, or that the file no longer validates
@@ -48,6 +51,14 @@ class ConfigReload:
         for name in Settings.model_fields:
             old, new = getattr(running, name), getattr(fresh, name)
             if name == "log_level" or old == new:
+                continue
+            if name == "max_concurrent" and self.slots is not None and new > self.slots:
+                log.error(
+                    "SIGHUP: max_concurrent %d is more than the %d slot users; it stays %d",
+                    new,
+                    self.slots,
+                    old,
+                )
                 continue
             if name in LIVE:
                 # Settings are frozen so that nothing else changes them; this is the one place
