@@ -72,7 +72,11 @@ def verify(sealed: Sealed, queue: str, signer: Signer | None) -> None:
         raise BadRequest("not signed: the envelope has no signature or no fingerprint")
     named = sealed.fingerprint[:80]
     try:
-        signer.key.verify(_signature_bytes(sealed.signature), sealed.payload.encode("utf-8"))
+        signed = sealed.payload.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: nobody signed that
+        raise BadRequest("bad signature: the payload is not valid UTF-8 text") from None
+    try:
+        signer.key.verify(_signature_bytes(sealed.signature), signed)
         verified = True
     except InvalidSignature:
         verified = False

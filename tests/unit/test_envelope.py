@@ -108,6 +108,7 @@ def refusal_of(result: Ticket | Settlement) -> str:
         ("not a request", "encrypted message refused: experiment.key"),
         ("signature not base64", "signature is not base64"),
         ("queue without a signing key", "unknown signer: no key in queues/signing/"),
+        ("payload with a lone surrogate", "the payload is not valid UTF-8 text"),
     ],
 )
 def test_each_refusal_sets_the_envelope_aside_with_its_reason(
@@ -153,6 +154,8 @@ def build(case: str, clear: dict[str, Any]) -> dict[str, Any]:
         message["experiment_lifetime"] = "96h"
     elif case == "signature not base64":
         message["signature"] = "*" * 88
+    elif case == "payload with a lone surrogate":
+        message["payload"] += "\ud800"
     return envelope
 
 
