@@ -16,26 +16,24 @@ then is the payload decrypted, and the clear fields must agree with what it hold
 is a ``BadRequest`` whose reason quotes neither the clear request nor any key.
 """
 
+from __future__ import annotations
+
 import base64
 import binascii
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import nacl.exceptions
-import nacl.secret
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.errors import BadRequest
 from agent.message_keys import SIGNING, Signer
 from agent.request import LooseStr, Request, Resources
 
-SESSION_KEY = nacl.secret.SecretBox.KEY_SIZE
+if TYPE_CHECKING:  # the crypto libraries are imported when a key or an envelope needs them
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+SESSION_KEY = 32  # nacl.secret.SecretBox.KEY_SIZE
 ED25519_SIGNATURE = 64
 _SSH_ALGORITHM = b"ssh-ed25519"
-_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
 class ClearExperiment(BaseModel):
@@ -75,6 +73,8 @@ def verify(sealed: Sealed, queue: str, signer: Signer | None) -> None:
         signed = sealed.payload.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a JSON escape: nobody signed that
         raise BadRequest("bad signature: the payload is not valid UTF-8 text") from None
+    from cryptography.exceptions import InvalidSignature
+
     try:
         signer.key.verify(_signature_bytes(sealed.signature), signed)
         verified = True
@@ -126,11 +126,17 @@ def decrypt(sealed: Sealed, key: RSAPrivateKey | None) -> bytes:
         raise BadRequest(
             "this agent has no decryption key (certs/message/encryption/ssh-privatekey)"
         )
+    import nacl.exceptions
+    import nacl.secret
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     sealed_key, comma, sealed_data = sealed.payload.partition(",")
     if not comma:
         raise BadRequest("payload is not '<encrypted key>,<encrypted data>'")
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     try:
-        session = key.decrypt(_b64("the payload's key", sealed_key), _OAEP)
+        session = key.decrypt(_b64("the payload's key", sealed_key), oaep)
     except ValueError:
         raise BadRequest(
             "payload does not decrypt: its key was not sealed for this agent's key"

@@ -13,6 +13,8 @@ that fails a check or does not parse is refused with a log line naming it, never
 the others still load. The certs watch reloads them all on any change (``KeyRing.sync``).
 """
 
+from __future__ import annotations
+
 import base64
 import hashlib
 import logging
@@ -20,15 +22,14 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from typing import TYPE_CHECKING, Any
 
 from agent.credentials import CredentialError, check_private
 from agent.report.events import Event, Events
+
+if TYPE_CHECKING:  # imported when a key file is there: 8 MiB and more that no agent needs idle
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class MessageKeys:
 
 def fingerprint_of(public: Any) -> str:
     """OpenSSH's SHA256 fingerprint (``ssh-keygen -l -E sha256``) of a public key."""
+    from cryptography.hazmat.primitives import serialization
+
     wire = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     blob = base64.b64decode(wire.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
@@ -123,6 +126,8 @@ def _private_key(certs: Path) -> RSAPrivateKey:
         check_private(certs / PASSPHRASE)
         secret = _read(certs / PASSPHRASE).rstrip(b"\r\n") or None
     key = _parse_private(path, data, secret)
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
     if not isinstance(key, RSAPrivateKey):
         raise CredentialError(f"{path}: a {type(key).__name__}, not an RSA private key")
     if key.key_size < MIN_RSA_BITS:
@@ -132,6 +137,9 @@ def _private_key(certs: Path) -> RSAPrivateKey:
 
 def _parse_private(path: Path, data: bytes, secret: bytes | None) -> Any:
     """PEM or OpenSSH; the library's own errors can echo input, so only ours leave here."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     openssh = data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
     loader = serialization.load_ssh_private_key if openssh else serialization.load_pem_private_key
     try:
@@ -171,6 +179,9 @@ def _signer(path: Path) -> Signer:
     keys = [ln for ln in lines if ln and not ln.startswith(b"#")]
     if len(keys) != 1 or not keys[0].startswith(b"ssh-ed25519 "):
         raise CredentialError(f"{path}: must hold one 'ssh-ed25519 AAAA...' public key line")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         public = serialization.load_ssh_public_key(keys[0])
     except Exception:
