@@ -31,6 +31,7 @@ from agent.settings import Settings, effective_config, load_settings
 if TYPE_CHECKING:
     from agent.report.events import Events, Sink
     from agent.report.metrics import Metrics
+    from agent.report.slack import SlackSink
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 2, 64, 70, 75, 78
 EX_UNAVAILABLE = 69
@@ -182,10 +183,10 @@ def reporting(settings: Settings) -> Iterator["tuple[Events, Metrics | None]"]:
     """
     from agent.report import metrics as metrics_seam
     from agent.report.events import Events
-    from agent.report.slack import SlackSink
 
     sinks: list[Sink] = []
-    metrics = slack = None
+    metrics = None
+    slack: SlackSink | None = None
     if settings.metrics_address:
         metrics = metrics_seam.Metrics()
         metrics.serve(settings.metrics_address)
@@ -193,7 +194,11 @@ def reporting(settings: Settings) -> Iterator["tuple[Events, Metrics | None]"]:
         sinks.append(metrics)
     try:
         if settings.slack_hook:
-            slack = SlackSink(settings.slack_hook, settings.slack_room).start()
+            # Only then: requests (with ssl, urllib3, email) is 16 MiB an agent without Slack
+            # does not need.
+            from agent.report import slack as slack_sink
+
+            slack = slack_sink.SlackSink(settings.slack_hook, settings.slack_room).start()
             sinks.append(slack)
         yield Events(sinks), metrics
     finally:
