@@ -64,18 +64,26 @@ def workspace_of(tmp_path: Path) -> Path:
     return workspace
 
 
+def local_client(
+    client_venv: Path, layout: Callable[..., Layout], tmp_path: Path, **agent: object
+) -> tuple[Layout, Path, Path, dict[str, str]]:
+    """An agent and the client on one local queue root, local storage and a local database:
+    the agent's layout, the client's config, its workspace and its environment."""
+    home, store = tmp_path / "studiohome", tmp_path / "clientstore"
+    lay = layout(queue_root=str(home / "queue"), local_storage=[str(store)], **agent)
+    config = write_client_config(tmp_path / "client.yaml", store, saveWorkspaceFrequency="1m")
+    store.mkdir()  # the client refuses a store root that does not exist
+    env = {**client_env(client_venv, home), "HOME": str(tmp_path / "home")}
+    return lay, config, workspace_of(tmp_path), env
+
+
 def test_runs_stop_over_a_local_queue(
     client_venv: Path,
     layout: Callable[..., Layout],
     start_agent: Callable[[Layout], AgentProcess],
     tmp_path: Path,
 ) -> None:
-    home, store = tmp_path / "studiohome", tmp_path / "clientstore"
-    lay = layout(queue_root=str(home / "queue"), local_storage=[str(store)], stop_check="1s")
-    config = write_client_config(tmp_path / "client.yaml", store, saveWorkspaceFrequency="1m")
-    store.mkdir()
-    workspace = workspace_of(tmp_path)
-    env = {**client_env(client_venv, home), "HOME": str(tmp_path / "home")}
+    lay, config, workspace, env = local_client(client_venv, layout, tmp_path, stop_check="1s")
     key = "stopme-local"
     studio_run(config, workspace, env, "local_stop", key)
     agent = start_agent(lay)
@@ -123,12 +131,7 @@ def test_an_experiment_stopped_while_queued_never_starts(
     start_agent: Callable[[Layout], AgentProcess],
     tmp_path: Path,
 ) -> None:
-    home, store = tmp_path / "studiohome", tmp_path / "clientstore"
-    lay = layout(queue_root=str(home / "queue"), local_storage=[str(store)])
-    config = write_client_config(tmp_path / "client.yaml", store)
-    store.mkdir()
-    workspace = workspace_of(tmp_path)
-    env = {**client_env(client_venv, home), "HOME": str(tmp_path / "home")}
+    lay, config, workspace, env = local_client(client_venv, layout, tmp_path)
     key = "stopme-queued"
     studio_run(config, workspace, env, "local_stop", key)
     stop_with_the_client(client_venv, config, env, key)
