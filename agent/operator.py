@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.control import Command
-from agent.queues.base import QueueBackend
+from agent.queues.base import Hold, QueueBackend
 from agent.report.events import Event, Events
 from agent.settings import Settings
 
@@ -42,13 +42,11 @@ class Operator:
             return "draining" if running else "drained"
         return "paused" if EVERYTHING in self.paused else "running"
 
-    def holds(self, backend: QueueBackend) -> set[str]:
-        """The queues of ``backend`` that a pause names."""
-        paused = frozenset(self.paused)  # a copy: the metrics thread asks too
+    def hold_for(self, backend: QueueBackend) -> Hold:
+        """What the pauses hold of ``backend``: the queues they name, or all (it or "*")."""
+        paused = frozenset(self.paused)
         names = {backend.name, f"{backend.kind}/{backend.name}", backend.kind, EVERYTHING}
-        if names & paused:
-            return set(backend.served_queues())
-        return {q for q in backend.served_queues() if q in paused}
+        return Hold(paused, everything=bool(names & paused))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -56,9 +56,8 @@ log = logging.getLogger(__name__)
 
 # How long the loop sleeps when every backend is pushed work: it is woken for everything else.
 IDLE_TICK = 1.0
-EX_LIMIT = (
-    79  # max_idle or max_experiments reached: the unit neither restarts nor counts it a failure
-)
+# max_idle or max_experiments reached: the unit neither restarts nor counts it a failure.
+EX_LIMIT = 79
 
 
 @dataclass
@@ -172,7 +171,7 @@ class Supervisor:
         free = self.settings.max_concurrent - len(self.jobs) if taking else 0
         for backend in self.subscriptions.everything():
             backend.wake = self._wake  # set each pass: credential backends come and go
-            backend.hold(self.operator.holds(backend))
+            backend.hold(self.operator.hold_for(backend))
             backend.capacity(free if backend in self.backends else 0)
         if self._stop_requests:
             if not self.shutdown.step(self._stop_requests, self.jobs, self.status_text()):
@@ -259,9 +258,8 @@ class Supervisor:
         """(backend, queue, taking work) for each queue served, for the metrics (any thread)."""
         found = []
         for backend in list(self.backends):
-            held = self.operator.holds(backend)
             name = f"{backend.kind}/{backend.name}" if backend.name else backend.kind
-            found += [(name, queue, queue not in held) for queue in backend.served_queues()]
+            found += [(name, q, not backend.held(q)) for q in backend.served_queues()]
         return found
 
     def _control_status(self) -> dict[str, object]:
@@ -371,9 +369,6 @@ class Supervisor:
         return None
 
     def _start(self, backend: QueueBackend, delivery: Delivery) -> None:
-        if delivery.queue in self.operator.holds(backend):  # paused as it was being delivered
-            self.carry_out(backend, delivery, give_back(excused=True))
-            return
         try:
             ticket = self.gate.admit(backend, delivery)
             if isinstance(ticket, Ticket):

@@ -69,12 +69,26 @@ class Delivery(ABC):
         """Keep the message ours for ``seconds`` more; a no-op where leases do not expire."""
 
 
+@dataclass(frozen=True)
+class Hold:
+    """What the operator's pause holds of one backend: these queues, or all of them."""
+
+    queues: frozenset[str] = frozenset()
+    everything: bool = False
+
+    def holds(self, queue: str) -> bool:
+        return self.everything or queue in self.queues
+
+
+NO_HOLD = Hold()
+
+
 class QueueBackend(ABC):
     kind: str
     name: str = ""  # the credential (or config entry) it serves, for logs and status
     problem: str | None = None  # what stops it now (unreachable, refused), for status
     _paused: dict[str, float]
-    _operator_holds: set[str]
+    _operator_holds: "Hold"
     _not_served: dict[str, str]
 
     def not_serving(self, queue: str, reason: str) -> bool:
@@ -117,7 +131,7 @@ class QueueBackend(ABC):
             "served": self.served_queues(),
             "not_served": dict(getattr(self, "_not_served", {})),
             "paused": paused,
-            "held": sorted(getattr(self, "_operator_holds", ())),
+            "held": [q for q in self.served_queues() if self.held(q)],
             "problem": self.problem,
         }
 
@@ -128,19 +142,25 @@ class QueueBackend(ABC):
         self._paused[queue] = time.monotonic() + seconds
 
     def paused(self, queue: str) -> bool:
-        if queue in getattr(self, "_operator_holds", ()):
+        if self.held(queue):
             return True
         until = getattr(self, "_paused", {}).get(queue)
         return until is not None and time.monotonic() < until
 
-    def hold(self, queues: set[str]) -> None:
-        """Take nothing from ``queues`` until they are no longer named (the operator's pause,
-        which no timed pause or admission's reopening lifts)."""
-        released: set[str] = getattr(self, "_operator_holds", set()) - queues
-        self._operator_holds = set(queues)
-        for queue in released:  # a pause that ends now: the backend looks at it again
-            if not self.paused(queue):
-                self.pause(queue, 0.0)
+    def held(self, queue: str) -> bool:
+        """Whether the operator's pause holds ``queue`` (any queue, served yet or not)."""
+        return getattr(self, "_operator_holds", NO_HOLD).holds(queue)
+
+    def hold(self, hold: "Hold") -> None:
+        """The operator's pause, which no timed pause or admission's reopening lifts; a queue
+        it no longer holds is looked at again at once."""
+        before = getattr(self, "_operator_holds", NO_HOLD)
+        if hold == before:
+            return
+        self._operator_holds = hold
+        for queue in self.served_queues():
+            if before.holds(queue) and not self.paused(queue):
+                self.pause(queue, 0.0)  # a pause that ends now
 
     def pause_ended_since(self, moment: float) -> bool:
         """Whether a queue's pause ran out after ``moment`` (monotonic): look at it again."""

@@ -275,6 +275,9 @@ class RabbitQueue(QueueBackend):
             while len(self._arrived) > self._free:  # lost the race for a slot: back at once
                 _queue, method, _properties, _body = self._arrived.pop()
                 channel.basic_nack(method.delivery_tag, requeue=True)
+            for arrived in [a for a in self._arrived if self.paused(a[0])]:  # paused since
+                self._arrived.remove(arrived)
+                channel.basic_nack(arrived[1].delivery_tag, requeue=True)
             wanted = self._queues if self._free > 0 and not self._draining else []
             for queue in [q for q in self._consumers if q not in wanted or self.paused(q)]:
                 channel.basic_cancel(self._consumers.pop(queue))
