@@ -36,6 +36,7 @@ from agent.storage.base import StorageOptions
 
 log = logging.getLogger(__name__)
 
+MEMORY_EVERY = 10.0  # seconds between two looks at an experiment's memory
 Status = Literal["completed", "failed", "timeout", "expired", "cancelled", "aborted", "error"]
 
 
@@ -89,6 +90,7 @@ class ExperimentRun:
         self._cancelled = threading.Event()
         self.aborted = ""  # why, once abort() was called
         self.pid = 0  # the experiment's process, once started (for studio-agent status)
+        self._memory = (-MEMORY_EVERY, 0)  # (when measured, resident bytes of its tree)
         self.saver = Checkpointer(self.ctx, settings, self.storage)
         self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
         self.on_phase = on_phase
@@ -99,6 +101,15 @@ class ExperimentRun:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def memory(self) -> int:
+        """Resident bytes of the experiment's tree, measured at most every MEMORY_EVERY: without
+        a children index in /proc a measure scans every process, and status is written at each
+        start and settle (the fleet bench's busy drains showed it in the agents' CPU)."""
+        now = time.monotonic()
+        if self.pid and now - self._memory[0] >= MEMORY_EVERY:
+            self._memory = (now, process.tree_memory(self.pid))
+        return self._memory[1]
 
     def abort(self, why: str) -> None:
         """End the run for good: its tree is killed, what it made is uploaded, and its message
@@ -273,7 +284,7 @@ class ExperimentRun:
         outcome.output_tail = self._output_tail()
         if self.settings.update_local_db and not outcome.transient:
             roots = self.storage.local_roots
-            status = "stopped" if outcome.status == "aborted" else "finished"
+            status = database.STOPPED if outcome.status == "aborted" else "finished"
             database.mark_finished(self.request.config, self.request.key, status, roots)
         if not self.settings.keep_workdir:
             shutil.rmtree(self.home, ignore_errors=True)

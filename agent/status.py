@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import process
 from agent.subscriptions import Subscriptions
 
 STATUS_FILE = "status.json"
@@ -26,25 +25,6 @@ class _Job(Protocol):
     def run(self) -> Any: ...
     @property
     def started(self) -> float: ...
-
-
-MEMORY_EVERY = 10.0  # seconds between two looks at one experiment's memory
-_memory: dict[int, tuple[float, int]] = {}  # pid -> (when measured, bytes)
-
-
-def memory_of(pid: int) -> int:
-    """The resident bytes of an experiment's tree, measured at most every MEMORY_EVERY: without
-    a children index in /proc a measure scans every process, and status is written at each
-    start and settle (the fleet bench's busy drains showed it in the agents' CPU)."""
-    if not pid:
-        return 0
-    now = time.monotonic()
-    measured = _memory.get(pid)
-    if measured is None or now - measured[0] >= MEMORY_EVERY:
-        for stale in [p for p, (at, _) in _memory.items() if now - at >= 3 * MEMORY_EVERY]:
-            del _memory[stale]  # experiments that ended
-        measured = _memory[pid] = (now, process.tree_memory(pid))
-    return measured[1]
 
 
 def write_status(
@@ -68,7 +48,7 @@ def write_status(
                 "backend": job.backend.name or job.backend.kind,
                 "gpus": list(job.run.ctx.gpus),
                 "elapsed_s": round(time.time() - job.started),
-                "memory_bytes": memory_of(job.run.pid),
+                "memory_bytes": job.run.memory(),
             }
             for job in jobs
         ],

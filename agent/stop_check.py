@@ -14,13 +14,12 @@ from agent.storage.base import StorageOptions
 
 log = logging.getLogger(__name__)
 
-STOPPED = "stopped"
 WHY = "stopped by `studio runs stop` (its record says stopped)"
 
 
 def stopped(request: Request, options: StorageOptions) -> bool:
-    """Whether the record says stopped now (read once: before the experiment starts)."""
-    if database.read_status(request.config, request.key, options) != STOPPED:
+    """Whether the record says stopped now (before the experiment starts, then every interval)."""
+    if database.read_status(request.config, request.key, options) != database.STOPPED:
         return False
     log.info("experiment %s: its record says stopped (studio runs stop)", request.key)
     return True
@@ -51,14 +50,10 @@ class StopCheck:
         self._done.set()
 
     def _watch(self) -> None:
-        key = self.request.key
         while not self._done.wait(self.interval):
             try:
-                status = database.read_status(self.request.config, key, self.options)
+                if stopped(self.request, self.options):
+                    self.abort(WHY)
+                    return
             except Exception:  # a reader bug must not end the run
-                log.exception("reading the record of %s failed", key)
-                continue
-            if status == STOPPED:
-                log.info("experiment %s: its record says stopped (studio runs stop)", key)
-                self.abort(WHY)
-                return
+                log.exception("reading the record of %s failed", self.request.key)

@@ -203,8 +203,9 @@ class ImageStore:
                 image = self._stored(ref.artifact, config, log, fetch)
             else:
                 image = self._pulled(ref.location, log)
-            held = self._hold(image)
-        self.evict()
+            held, new = self._hold(image)
+        if new:  # only a new image can take the cache past its size
+            self.evict()
         return held
 
     # -- the cache's size ---------------------------------------------------------------------
@@ -216,12 +217,15 @@ class ImageStore:
         with _locked(self.root / "evict.lock", fcntl.LOCK_SH):
             yield
 
-    def _hold(self, image: LocalImage) -> LocalImage:
+    def _hold(self, image: LocalImage) -> tuple[LocalImage, bool]:
+        """The image, held for a run until its ``release``; and whether it is new to the cache
+        (no run held it before)."""
         stamp = image.path.with_name(image.path.name + ".use")
+        new = not stamp.exists()
         fd = os.open(stamp, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
         os.utime(fd)  # last use
-        return replace(image, release=functools.partial(_close_once, [fd]))
+        return replace(image, release=functools.partial(_close_once, [fd])), new
 
     def cached(self) -> list[tuple[float, Path, int]]:
         """(last use, image, bytes) of every pulled or downloaded image."""

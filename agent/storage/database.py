@@ -20,6 +20,7 @@ from agent.storage.base import StorageOptions
 from agent.storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
+STOPPED = "stopped"  # what `studio runs stop` (db.stop_experiment) writes
 MAX_RECORD = 4 * 2**20  # a record is a few KB; a bigger file is not one the client wrote
 
 
@@ -53,7 +54,7 @@ def update_record(config: StudioConfig, key: str, roots: tuple[Path, ...], **fie
     record = read_record(config, key, roots)
     if store is None or record is None:
         return False
-    if record.get("status") == "stopped" and fields.get("status") == "running":
+    if record.get("status") == STOPPED and fields.get("status") == "running":
         return False
     record.update(fields)
     try:
