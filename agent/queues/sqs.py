@@ -182,13 +182,11 @@ class SqsQueue(QueueBackend):
         if not self._told:
             self.capacity(1)  # until the supervisor says otherwise: one free slot
         self._housekeep()
-        received = self._receiver.take()
-        while received is not None and self.paused(received.queue):
-            self._give_back_unstarted(received)  # polled before the pause began
-            received = self._receiver.take()
+        received, passed_over = self._receiver.take(unwanted=self.paused)
+        for paused in passed_over:
+            self._give_back_unstarted(paused)  # polled before the pause began
         if received is None:
             return None
-        self._receiver.capacity(self._receiver.target - 1)  # its slot is taken now
         delivery = SqsDelivery(self, received.queue, received.url, received.message, received.at)
         excused = self._unstarted.pop(delivery.message_id, 0)
         delivery.delivery_count = max(1, delivery.delivery_count - excused)

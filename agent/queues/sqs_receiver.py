@@ -75,11 +75,23 @@ class Receiver:
                 self._threads.append(thread)
                 thread.start()
 
-    def take(self) -> Received | None:
+    def take(self, unwanted: Callable[[str], bool]) -> tuple[Received | None, list[Received]]:
+        """The next received message whose queue is not ``unwanted``, its slot claimed, and the
+        unwanted ones passed over (the caller gives those back).
+
+        The slot is claimed under the same lock the pollers read it under: lowering it after
+        the lock is released let a poller start one long poll too many in between, which then
+        held a message no slot was free for.
+        """
         with self._cond:
+            skipped = []
+            while self.arrived and unwanted(self.arrived[0].queue):
+                skipped.append(self.arrived.popleft())
             found = self.arrived.popleft() if self.arrived else None
-            self._cond.notify_all()  # a poll may start in its place once the slot is filled
-            return found
+            if found is not None:
+                self._target = max(0, self._target - 1)
+            self._cond.notify_all()  # a poll may start in a passed-over message's place
+            return found, skipped
 
     def excess(self, free: int) -> list[Received]:
         """Messages received beyond ``free`` slots: the caller gives them back."""
