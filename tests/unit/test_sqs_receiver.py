@@ -57,7 +57,8 @@ def test_taking_a_message_claims_its_slot_before_any_poll_can_start() -> None:
         found, passed_over = receiver.take(unwanted=lambda queue: False)
         if found is not None:
             break
-    assert found is not None and passed_over == []
+    assert found is not None
+    assert passed_over == []
     assert receiver.target == 0
     time.sleep(0.3)
     assert polls.started == 1, "a poll started for a slot that was just taken"
