@@ -42,8 +42,6 @@ def set_level(level: str) -> None:
     # pika narrates every socket event, and logs each refused connection as several errors with
     # tracebacks; the RabbitMQ backend already logs one line per outage with the reason.
     logging.getLogger("pika").setLevel(max(logging.CRITICAL, logging.getLogger().level))
-    # watchfiles says "N changes detected" at INFO for every message a local queue receives.
-    logging.getLogger("watchfiles").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 class LevelReload:

@@ -40,7 +40,6 @@ LOCK_NAME = "lock.lock"
 LOCK_WAIT = 10.0  # seconds; the client holds the lock for one file operation only
 STALE_LOCK = 120.0  # a lock older than this was left by a process that died holding it
 RESCAN = 5.0  # seconds between scans when no change was seen (``local.rescan``)
-WATCH_LATENCY_MS = 10  # how long the watch gathers a burst of changes before it wakes the agent
 
 
 @contextlib.contextmanager
@@ -151,6 +150,7 @@ class LocalQueue(QueueBackend):
         self.root = root
         self.max_body = max_body
         self.rescan = rescan
+        self.quiet_tick = rescan  # a change wakes the agent; only the rescan is due by time
         self.filter = queue_filter
         self.inflight = state_dir / "inflight" / "local"
         self.attempts = state_dir / "attempts" / "local"
@@ -195,7 +195,7 @@ class LocalQueue(QueueBackend):
         of them (at start, while messages are being taken, a pause ended, the rescan)."""
         if self._watcher is None:
             # Late-bound: the supervisor sets ``wake`` after the backend is made.
-            self._watcher = FolderWatcher(self.root, lambda: self.wake(), WATCH_LATENCY_MS)
+            self._watcher = FolderWatcher(self.root, lambda: self.wake())
             self._watcher.start()
         now, last = time.monotonic(), self._next_scan - self.rescan
         changed = self._watcher.take_changed()
