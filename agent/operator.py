@@ -10,6 +10,7 @@ every pause. Every change is one event: a journal line and a Slack message.
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -129,6 +130,12 @@ class Limits:
     def settled(self, running: int) -> None:
         if not running:
             self._idle_since = time.monotonic()
+
+    def until_idle_limit(self) -> float:
+        """Seconds until max_idle would be reached with nothing running (inf without one)."""
+        if not self.settings.max_idle:
+            return math.inf
+        return max(0.0, self._idle_since + self.settings.max_idle - time.monotonic())
 
     def reached(self, running: int) -> str:
         """Why to stop taking work ("" while neither limit is reached)."""

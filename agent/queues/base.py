@@ -170,6 +170,9 @@ class QueueBackend(ABC):
     # Whether the supervisor must call ``receive`` every poll_interval to find work. A backend
     # that is told of work (a consumer's socket in ``fileno``, a watcher calling ``wake``) is not.
     polls: bool = True
+    # How long the supervisor may go between two ticks while nothing runs: what this backend's
+    # housekeeping needs (heartbeats, refreshes, retries, leases given back).
+    quiet_tick: float = 1.0
     # Set by the supervisor: cuts its sleep short, from any thread, when work has arrived.
     wake: Callable[[], None] = staticmethod(lambda: None)
 
