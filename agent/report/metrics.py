@@ -27,13 +27,13 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent.errors import ConfigError
 from agent.report.events import Event
+from agent.report.metrics_http import MetricsServer
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -217,7 +217,7 @@ class Metrics:
             registry=self.registry,
         )
         self._running_labels: dict[str, tuple[tuple[str, ...], int]] = {}
-        self._server: Any = None
+        self._server: MetricsServer | None = None
 
     def _go_counters(self) -> list[Counter]:
         def counter(name: str, doc: str, labels: Iterable[str]) -> Counter:
@@ -279,17 +279,16 @@ class Metrics:
         """Serve ``/metrics`` on ``address``; ConfigError naming it if it cannot be bound."""
         host, port = parse_address(address)
         try:
-            self._server, _thread = start_http_server(port, host, registry=self.registry)
+            self._server = MetricsServer(host, port, self.registry)
         except OSError as exc:
             raise ConfigError(f"metrics_address {address!r}: cannot listen: {exc}") from None
-        bound: tuple[str, int] = self._server.server_address[:2]
+        bound = self._server.address
         log.info("metrics on http://%s:%d/metrics", *bound)
         return bound
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
 
