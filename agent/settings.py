@@ -9,23 +9,17 @@ the value came from (file and line, or the environment variable).
 import os
 import re
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
-)
-from pydantic.fields import FieldInfo
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
 )
 
 from agent.errors import ConfigError
@@ -37,6 +31,7 @@ from agent.queue_settings import (
     SqsSettings,
     fold_aliases,
 )
+from agent.settings_env import ENV_PREFIX, from_environment, section_model
 from agent.settings_types import (
     IMAGE_SOURCES,
     Duration,
@@ -49,7 +44,6 @@ from agent.settings_types import (
 from agent.units import parse_duration, parse_size
 
 DEFAULT_CONFIG = Path("/etc/studio-agent/agent.yaml")
-ENV_PREFIX = "STUDIO_AGENT_"
 # The Go runner's flag names as environment variables (karlmutch/envflag), accepted unchanged so
 # that an existing deployment's environment file keeps working.
 GO_ALIASES: dict[str, str] = {
@@ -99,16 +93,11 @@ def _default_cache_dir() -> Path:
     return (Path(xdg) if xdg else home() / ".cache") / "studio-agent"
 
 
-class Settings(BaseSettings):
-    """Every key an operator can set. Names are stable: docs, Ansible and Salt use them."""
+class Settings(BaseModel):
+    """Every key an operator can set. Names are stable: docs, Ansible and Salt use them.
+    ``load_settings`` gathers them from the files and the environment."""
 
-    model_config = SettingsConfigDict(
-        extra="forbid",
-        frozen=True,
-        env_prefix=ENV_PREFIX,
-        case_sensitive=False,
-        env_nested_delimiter="__",
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     queue_match: Regex = r"^(rmq|sqs|local)_.*$"
     queue_mismatch: Regex = ""
@@ -233,50 +222,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r}: must be host or host:port")
         return [item.lower() for item in value]
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (
-            init_settings,
-            env_settings,
-            _GoAliasSource(settings_cls),
-            _FilesSource(settings_cls),
-        )
+
+def _go_aliases() -> dict[str, Any]:
+    """The Go runner's names, then the prefixed flat aliases (``STUDIO_AGENT_AMQP_URL``)."""
+    found = {field: os.environ[name] for field, name in GO_ALIASES.items() if name in os.environ}
+    for flat in FLAT_ALIASES:
+        if ENV_PREFIX + flat.upper() in os.environ:
+            found[flat] = os.environ[ENV_PREFIX + flat.upper()]
+    return fold_aliases(found, override=True)
 
 
-# What the YAML files said and where; set by load_settings for the duration of one validation.
-_FILES: ContextVar[tuple[dict[str, Any], dict[tuple[str, ...], str]]] = ContextVar(
-    "_FILES", default=({}, {})
-)
-
-
-class _FilesSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(_FILES.get()[0])
-
-
-class _GoAliasSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        """The Go runner's names, then the prefixed flat aliases (``STUDIO_AGENT_AMQP_URL``)."""
-        found = {
-            field: os.environ[name] for field, name in GO_ALIASES.items() if name in os.environ
-        }
-        for flat in FLAT_ALIASES:
-            if ENV_PREFIX + flat.upper() in os.environ:
-                found[flat] = os.environ[ENV_PREFIX + flat.upper()]
-        return fold_aliases(found, override=True)
+def _deep_update(data: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` over ``data``: mappings merge key by key, anything else replaces."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = _deep_update(dict(data[key]), value)
+        else:
+            data[key] = value
+    return data
 
 
 def config_files(main: Path) -> list[Path]:
@@ -304,13 +267,13 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         _merge(data, where, fold_aliases(new, override=False, where=new_where), new_where)
         where.update(new_where)  # every key this file set, nested ones too, is now its
     _refuse_unknown_env()
-    token = _FILES.set((data, where))
+    # Lowest first: the files, the Go runner's names, STUDIO_AGENT_*, the caller's overrides.
+    for layer in (_go_aliases(), from_environment(Settings.model_fields), overrides):
+        _deep_update(data, layer)
     try:
-        return Settings(**overrides)
+        return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, where)) from None
-    finally:
-        _FILES.reset(token)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
@@ -361,8 +324,8 @@ def _env_names() -> set[str]:
     """Every STUDIO_AGENT_ name: each key, each section's keys, each flat alias."""
     names = {ENV_PREFIX + name.upper() for name in [*Settings.model_fields, *FLAT_ALIASES]}
     for name, field in Settings.model_fields.items():
-        section = field.annotation
-        if isinstance(section, type) and issubclass(section, BaseModel):
+        section = section_model(field)
+        if section is not None:
             names |= {f"{ENV_PREFIX}{name.upper()}__{key.upper()}" for key in section.model_fields}
     return names
 
