@@ -21,6 +21,8 @@ from typing import Any, Protocol
 from agent.errors import ConfigError
 from agent.units import parse_size
 
+NVML_LIBRARY = "libnvidia-ml.so.1"  # the name pynvml loads (the driver's soname)
+
 log = logging.getLogger(__name__)
 
 
@@ -102,6 +104,10 @@ class NvmlInventory:
         return list(self._cards)
 
     def _query(self) -> list[Card]:
+        if not _driver_library_loads():
+            # pynvml would fail the same way, after costing 4 MiB of RSS to import.
+            self.problem = f"NVML unavailable ({NVML_LIBRARY} not found): no NVIDIA driver here?"
+            return []
         try:
             import pynvml
         except ImportError as exc:  # the package is a dependency; a broken install still runs
@@ -123,6 +129,17 @@ class NvmlInventory:
         if not found:
             self.problem = "NVML reports no GPU"
         return found
+
+
+def _driver_library_loads() -> bool:
+    """Whether the driver's NVML library can be loaded, as pynvml loads it on Linux."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(NVML_LIBRARY)
+    except OSError:
+        return False
+    return True
 
 
 def _text(value: str | bytes) -> str:

@@ -40,6 +40,11 @@ _PROBE = "import sys; print('%d.%d.%d' % tuple(sys.version_info[:3]))"
 
 _probe_cache: dict[Path, tuple[int, int, int] | None] = {}
 _probe_lock = threading.Lock()
+SYSTEM_FOLDERS = ("/usr/bin", "/usr/local/bin")
+# (extra, PATH, pyenv roots) -> (the folders' stamp when read, what was found)
+_discovered: dict[
+    tuple[tuple[str, ...], str, tuple[str, ...]], tuple[object, list["Interpreter"]]
+] = {}
 
 
 # ---------------------------------------------------------------- requirement filtering
@@ -123,19 +128,23 @@ def _path_python3_names() -> list[Path]:
 
 def _system_pythons() -> list[Path]:
     found: list[Path] = []
-    for directory in ("/usr/bin", "/usr/local/bin"):
+    for directory in SYSTEM_FOLDERS:
         names = sorted(glob.glob(os.path.join(directory, "python3*")))
         found.extend(Path(n) for n in names if _PYTHON3_NAME.match(os.path.basename(n)))
     return found
 
 
-def _pyenv_pythons() -> list[Path]:
-    roots = [Path.home() / ".pyenv"]
+def _pyenv_roots() -> tuple[str, ...]:
+    roots = [str(Path.home() / ".pyenv")]
     if os.environ.get("PYENV_ROOT"):
-        roots.append(Path(os.environ["PYENV_ROOT"]))
+        roots.append(os.environ["PYENV_ROOT"])
+    return tuple(roots)
+
+
+def _pyenv_pythons() -> list[Path]:
     found: list[Path] = []
-    for root in roots:
-        found.extend(Path(p) for p in sorted(glob.glob(str(root / "versions/*/bin/python"))))
+    for root in _pyenv_roots():
+        found.extend(Path(p) for p in sorted(glob.glob(f"{root}/versions/*/bin/python")))
     return found
 
 
@@ -183,7 +192,38 @@ def _cached_version(real: Path) -> tuple[int, int, int] | None:
 
 
 def discover_interpreters(extra: Sequence[Path] = ()) -> list[Interpreter]:
-    """Usable CPython 3.8+ interpreters, configured ones first, each real path once."""
+    """Usable CPython 3.8+ interpreters, configured ones first, each real path once.
+
+    The last answer is kept while no folder it was read from has changed (an interpreter
+    installed or removed changes its folder's mtime): reading /usr/bin and every PATH folder
+    again was a quarter of the agent's own CPU per experiment (bench/profile_experiment.py).
+    """
+    key = (tuple(map(str, extra)), os.environ.get("PATH", os.defpath), _pyenv_roots())
+    stamp = _folders_stamp(key)
+    with _probe_lock:
+        cached = _discovered.get(key)
+    if cached is not None and cached[0] == stamp:
+        return list(cached[1])
+    found = _discover(extra)
+    with _probe_lock:
+        _discovered[key] = (stamp, found)
+    return list(found)
+
+
+def _folders_stamp(key: tuple[tuple[str, ...], str, tuple[str, ...]]) -> tuple[object, ...]:
+    """What discovery read, as (path, mtime) pairs: each configured interpreter and folder."""
+    extra, path, pyenv_roots = key
+    folders = [*path.split(os.pathsep), *SYSTEM_FOLDERS, *(f"{r}/versions" for r in pyenv_roots)]
+    stamp: list[object] = []
+    for name in [*extra, *folders]:
+        try:
+            stamp.append((name, os.stat(name).st_mtime_ns))
+        except OSError:
+            stamp.append((name, None))
+    return tuple(stamp)
+
+
+def _discover(extra: Sequence[Path]) -> list[Interpreter]:
     seen: set[Path] = set()
     found: list[Interpreter] = []
     for candidate in _candidates(extra):

@@ -1,5 +1,6 @@
 """Requirement filtering, interpreter discovery and pythonver matching."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -210,3 +211,24 @@ def test_build_argv_evaluates_the_client_quoting(
 def test_build_argv_rejects_unbalanced_quotes() -> None:
     with pytest.raises(EnvironmentFailed, match="not valid shell words"):
         build_argv(Path("/v/bin/python"), "a.py", ["'oops"])
+
+
+def test_discovery_is_read_again_only_when_a_folder_it_read_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.executors.pythonenv as pythonenv
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    first = discover_interpreters()
+    reads: list[int] = []
+    real = pythonenv._discover
+    monkeypatch.setattr(pythonenv, "_discover", lambda extra: reads.append(1) or real(extra))
+    assert discover_interpreters() == first
+    assert reads == []  # nothing changed: the last answer, without reading any folder
+    (bin_dir / "python3.99").symlink_to(sys.executable)  # "installed": the folder changed
+    os.utime(bin_dir, ns=(0, 10**18))  # a distinct mtime even on a coarse clock
+    again = discover_interpreters()
+    assert reads == [1]
+    assert {i.path for i in again} == {i.path for i in first}  # the same real interpreter
