@@ -582,6 +582,7 @@ class Results:
     # (transport, slots) -> seconds per experiment, one value a round
     agent: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     worker: list[float] = field(default_factory=list)  # seconds per experiment, steady state
+    floor: list[float] = field(default_factory=list)  # the script alone, back to back: s/exp
     worker_wall: list[float] = field(default_factory=list)  # the same, launch to exit
     services: str = ""  # versions of the rmq-s3 broker and S3 server
     opening: list[tuple[str, str, list[float]]] = field(default_factory=list)  # bench/encrypted
@@ -599,6 +600,24 @@ def measure_agent(
             for _ in range(options.rounds):
                 rounds.append(transport.drain(proc, options.experiments) / options.experiments)
             print(f"  {transport.name}: studio-agent, {slots} worker(s): done", file=sys.stderr)
+
+
+def floor_round(layout: Layout, count: int) -> float:
+    """Seconds per run of the experiment's script, run back to back by a bare loop with the
+    interpreter of the environment the agent built for it: what no runner can go below."""
+    pythons = sorted((layout.root / "cache").glob("**/bin/python"))
+    if not pythons:
+        raise SystemExit(f"no environment under {layout.root / 'cache'} to take python from")
+    started = time.perf_counter()
+    for _ in range(count):
+        argv = [str(pythons[0]), "train.py"]
+        subprocess.run(argv, cwd=layout.workspace, stdout=subprocess.DEVNULL, check=True)
+    return (time.perf_counter() - started) / count
+
+
+def measure_floor(layout: Layout, options: argparse.Namespace, results: Results) -> None:
+    results.floor = [floor_round(layout, options.experiments) for _ in range(options.rounds)]
+    print("  floor (the script alone, back to back): done", file=sys.stderr)
 
 
 def measure_worker(
@@ -690,6 +709,21 @@ def transport_rows(results: Results, transport: str) -> list[str]:
     for slots in (1, 2):
         name = f"{transport:<7} throughput, studio-agent, {slots} worker(s)"
         lines += throughput_rows(name, results.agent[transport, slots])
+    if results.floor:
+        lines += floor_rows(results, transport)
+    return lines
+
+
+def floor_rows(results: Results, transport: str) -> list[str]:
+    """The floor, the agent's time per experiment above it, and the throughput ratio."""
+    floor = statistics.median(results.floor)
+    one = results.agent[transport, 1]
+    lines = throughput_rows(f"{transport:<7} floor: the script alone, back to back", results.floor)
+    if transport == "local":
+        above = [1000 * (s - floor) for s in one]
+        lines.append(row(f"{transport:<7} agent time per experiment above the floor", "ms", above))
+    ratio = floor / statistics.median(one)
+    lines.append(row(f"{transport:<7} ratio studio-agent 1 worker / floor", "x", [ratio], 2))
     return lines
 
 
@@ -800,6 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = make_layout(Path(tmp) / "agent")
         if "local" in selected(options):
             measure_agent(layout, local_transport(layout), options, results)
+            measure_floor(layout, options, results)
             if not options.skip_encrypted:
                 measure_sealed(layout, options, results)
             if not options.skip_baseline:
