@@ -87,14 +87,21 @@ class Execution:
             process.kill_tree(proc.pid, self.kill_grace, proc)
 
     def _watch(self, proc: "subprocess.Popen[bytes]", deadline: float) -> tuple[Ended, int | None]:
+        exit_watch = process.ExitWatch(proc)
+        try:
+            return self._watch_until_end(proc, exit_watch, deadline)
+        finally:
+            exit_watch.close()
+
+    def _watch_until_end(
+        self, proc: "subprocess.Popen[bytes]", exit_watch: process.ExitWatch, deadline: float
+    ) -> tuple[Ended, int | None]:
         next_checkpoint = time.monotonic() + self.interval
         while True:
             now = time.monotonic()
-            try:
-                code = proc.wait(timeout=max(0.0, min(0.25, deadline - now, next_checkpoint - now)))
+            code = exit_watch.wait(max(0.0, min(0.25, deadline - now, next_checkpoint - now)))
+            if code is not None:
                 return ("completed" if code == 0 else "failed"), code
-            except subprocess.TimeoutExpired:
-                pass
             now = time.monotonic()
             if self.cancelled.is_set():
                 self._stop(proc)

@@ -7,7 +7,9 @@ descendant found by walking parent links in /proc (which catches the ones that l
 
 import contextlib
 import json
+import math
 import os
+import select
 import signal
 import subprocess
 import time
@@ -114,6 +116,42 @@ def spawn(
         )
     finally:
         os.close(fd)
+
+
+class ExitWatch:
+    """Waits for a child to end, woken by the kernel when it does (its pidfd turns readable).
+
+    ``Popen.wait(timeout)`` polls instead, sleeping in steps that double up to 50 ms: a child
+    that ended after 16 ms was seen at 31.5 ms, which was most of the agent's time per short
+    experiment. Without pidfds (Linux before 5.3) it falls back to that.
+    """
+
+    def __init__(self, proc: "subprocess.Popen[bytes]") -> None:
+        self.proc = proc
+        self._poll: select.poll | None = None
+        try:
+            self._fd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            self._fd = None
+        else:
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLIN)
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status if the child ends within ``timeout`` seconds, else None."""
+        if self._poll is None:
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        if not self._poll.poll(math.ceil(max(0.0, timeout) * 1000)):
+            return None
+        return self.proc.wait()  # it has ended: this only reaps it
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._poll = None
 
 
 def record_run(path: Path, pid: int, extra: dict[str, object]) -> None:

@@ -4,6 +4,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agent import process
 from tests.conftest import alive, wait_until
 
@@ -62,3 +64,29 @@ def test_spawn_appends_both_streams_to_the_output(tmp_path: Path) -> None:
     time.sleep(0.05)
     assert out.read_bytes().replace(b"err\n", b"") == b"before\nline1\nno newline"
     assert b"err\n" in out.read_bytes()
+
+
+def test_exit_watch_reports_the_status_once_the_child_ends() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; time.sleep(0.2); sys.exit(7)"]
+    )
+    watch = process.ExitWatch(proc)
+    try:
+        assert watch.wait(0) is None  # still running
+        assert watch.wait(30) == 7
+        assert proc.returncode == 7  # reaped
+    finally:
+        watch.close()
+        watch.close()  # twice is harmless
+
+
+def test_exit_watch_without_pidfds_falls_back_to_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pidfd(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    watch = process.ExitWatch(proc)
+    assert watch.wait(0) is None
+    assert watch.wait(30) == 0
+    watch.close()
