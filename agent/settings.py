@@ -232,16 +232,6 @@ def _go_aliases() -> dict[str, Any]:
     return fold_aliases(found, override=True)
 
 
-def _deep_update(data: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """``new`` over ``data``: mappings merge key by key, anything else replaces."""
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = _deep_update(dict(data[key]), value)
-        else:
-            data[key] = value
-    return data
-
-
 def config_files(main: Path) -> list[Path]:
     """The main file (if it exists) and then its ``conf.d/*.yaml`` drop-ins, in order."""
     files = [main] if main.is_file() else []
@@ -269,7 +259,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     _refuse_unknown_env()
     # Lowest first: the files, the Go runner's names, STUDIO_AGENT_*, the caller's overrides.
     for layer in (_go_aliases(), from_environment(Settings.model_fields), overrides):
-        _deep_update(data, layer)
+        _merge(data, {}, layer, {})  # their sources are named from os.environ by _source_of
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from fleet_support import rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"start": 300.0, "cpu": 0.1, "rss": 40.0}  # ms to READY, % of a core, MiB
@@ -54,13 +55,6 @@ def cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue  # a thread that ended between the listing and the read
     return total / 1e9
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def write_config(root: Path, queues: int) -> Path:

@@ -25,16 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import overhead  # bench/ is on the path when this runs as a script
-
-
-def agent_cpu(pid: int) -> float:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total / 1e9
+from idle import cpu_seconds
 
 
 def functions(raw: Path, top: int) -> list[tuple[float, str]]:
@@ -79,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             time.sleep(1.0)  # py-spy attaches
-            cpu_before, started = agent_cpu(proc.pid), time.perf_counter()
+            cpu_before, started = cpu_seconds(proc.pid), time.perf_counter()
             for _, body in prepared:
                 overhead.enqueue(layout.root / "queue", overhead.QUEUE, body)
             overhead.wait_until(lambda: not overhead.pending(layout), proc, 600)
-            elapsed, cpu = time.perf_counter() - started, agent_cpu(proc.pid) - cpu_before
+            elapsed, cpu = time.perf_counter() - started, cpu_seconds(proc.pid) - cpu_before
             spy.send_signal(2)  # SIGINT: py-spy writes what it has and exits
             spy.wait(timeout=60)
         count = options.experiments
