@@ -143,3 +143,28 @@ def test_an_event_record_cut_short_is_not_read_past_its_end() -> None:
     assert list(inotify.parse(whole[:10])) == []
     huge = inotify._HEADER.pack(1, inotify.CREATE, 0, 2**32 - 1) + b"x"
     assert list(inotify.parse(huge)) == []
+
+
+def test_a_tree_with_more_folders_than_the_cap_is_watched_in_part_and_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A local queue root is writable by every submitter: its folders must not cost unbounded
+    # watches. The cap is lowered so the test need not make a thousand folders.
+    monkeypatch.setattr("agent.watch.MAX_WATCHES", 3)
+    root = tmp_path / "root"
+    for index in range(6):
+        (root / f"q{index}" / "deeper").mkdir(parents=True)
+    wakes = Wakes()
+    watcher = FolderWatcher(root, wakes)
+    with caplog.at_level("WARNING", logger="agent.watch"):
+        watcher.start()
+        try:
+            wait_for(lambda: wakes.count >= 1)  # the watch is in place
+            assert watcher.take_changed() is None  # the first scan: everything
+            (root / "new").mkdir()  # the root itself is always watched
+            assert changed_within(watcher) == {"new"}
+        finally:
+            watcher.stop()
+    said = [r.getMessage() for r in caplog.records if "cannot watch all of" in r.getMessage()]
+    assert len(said) == 1
+    assert "more than 3 folders" in said[0]
