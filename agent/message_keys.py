@@ -82,6 +82,11 @@ def fingerprint_of(public: Any) -> str:
 
 def load(certs: Path) -> MessageKeys:
     """Every key under ``certs``; what cannot be used is in ``refused`` with the reason."""
+    # The digest is taken before the files are read: a file replaced while they are read then
+    # leaves a digest that no longer matches, so the next sync reads again. Taken after, it
+    # would match the new files while the keys came from the old ones (a passphrase and its
+    # key installed one after the other were refused for good).
+    digest = _digest(certs)
     refused: dict[str, str] = {}
     decryption = None
     if _exists(certs / PRIVATE_KEY):
@@ -95,7 +100,7 @@ def load(certs: Path) -> MessageKeys:
             signers.append(_signer(path))
         except (CredentialError, OSError) as exc:
             refused[str(SIGNING / path.name)] = str(exc)
-    return MessageKeys(decryption, tuple(signers), refused, _digest(certs))
+    return MessageKeys(decryption, tuple(signers), refused, digest)
 
 
 def _exists(path: Path) -> bool:

@@ -158,3 +158,30 @@ def test_the_ring_reloads_only_on_a_change_and_reports_each_refusal_once(
     (tmp_path / PRIVATE_KEY).unlink()
     assert ring.sync(tmp_path)
     assert ring.keys.refused == {}
+
+
+def test_a_key_replaced_while_the_ring_reads_is_read_again_on_the_next_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator installs the passphrase, then its key; the agent may wake between the two."""
+    import agent.message_keys as message_keys
+
+    install_decryption_key(tmp_path, KEYS, passphrase=b"first phrase")
+    ring = KeyRing()
+    assert ring.sync(tmp_path)
+    rotated = Keys.generate()
+    (tmp_path / PASSPHRASE).write_bytes(b"second phrase\n")
+    read_key = message_keys._private_key
+
+    def read_then_the_key_lands(certs: Path) -> object:
+        try:
+            return read_key(certs)  # the old key with the new passphrase: refused
+        finally:
+            install_decryption_key(tmp_path, rotated, passphrase=b"second phrase")
+
+    monkeypatch.setattr(message_keys, "_private_key", read_then_the_key_lands)
+    assert ring.sync(tmp_path)
+    assert ring.keys.decryption is None
+    monkeypatch.setattr(message_keys, "_private_key", read_key)
+    assert ring.sync(tmp_path), "the key that landed during the read was never read"
+    assert ring.keys.describe()["decryption_key"] == rotated.decryption_fingerprint
