@@ -94,6 +94,9 @@ class ExperimentRun:
         self.saver = Checkpointer(self.ctx, settings, self.storage)
         self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
         self.on_phase = on_phase
+        # Called once nothing of the run is left on its slot (processes, cgroup, identity, GPUs)
+        # and before its results are saved: the supervisor starts the next run meanwhile.
+        self.on_free: Callable[[], None] = lambda: None
 
     @property
     def recorder(self) -> RunRecorder | None:
@@ -158,8 +161,6 @@ class ExperimentRun:
             outcome.status, outcome.detail = ("aborted" if self.aborted else "failed"), str(exc)
             self._note(f"experiment failed before it ran: {exc}")
             self._record(f"failed before it ran: {exc}")
-        if self.confinement is not None:
-            self.confinement.settle(self.settings.kill_grace)  # nothing writes while we upload
         return self._finish(outcome, upload=True)
 
     def _fetch_inputs(self) -> None:
@@ -269,6 +270,11 @@ class ExperimentRun:
 
     def _finish(self, outcome: Outcome, upload: bool) -> Outcome:
         self.on_phase("uploading")
+        # The slot first: the run's processes end, its files come back to the agent (so the tar
+        # reads what no process of the run can still change), and the next run may start while
+        # these results are saved. The message is acknowledged only after they are.
+        self._release_confinement()
+        self.on_free()
         if self.recorder is not None:
             self.recorder.runner["outcome"] = outcome.status
             status = "completed" if outcome.status == "completed" else "failed"
@@ -279,7 +285,6 @@ class ExperimentRun:
             except AgentError as exc:
                 outcome.status, outcome.transient = "error", True
                 outcome.detail = f"results not saved: {exc}"
-        self._release_confinement()
         outcome.finished = time.time()
         outcome.output_tail = self._output_tail()
         if self.settings.update_local_db and not outcome.transient:

@@ -69,8 +69,9 @@ class Job:
     run: ExperimentRun
     record: Record  # the message's ledger entry: its phase, crashes and excused hand-outs
     thread: threading.Thread | None = None
-    grant: Grant | None = None  # CPUs, RAM, disk and GPUs held until settled
+    grant: Grant | None = None  # CPUs, RAM, disk and GPUs held until its slot is free
     started: float = field(default_factory=time.time)
+    saving: bool = False  # its processes are gone; its results are being saved, then settled
 
 
 class Supervisor:
@@ -97,6 +98,7 @@ class Supervisor:
         self._next_status = 0.0
         self.jobs: dict[int, Job] = {}
         self.finished: queue.Queue[tuple[Job, Outcome]] = queue.Queue()
+        self.freed: queue.Queue[Job] = queue.Queue()  # slots free, results still being saved
         self._stop_requests = 0
         self.shutdown = Shutdown(settings, self.notifier, self.events)
         self._next_backend = 0
@@ -170,7 +172,7 @@ class Supervisor:
             self.notifier.status(self.status_text())
         limit = self.limits.reached(len(self.jobs))
         taking = not (self._stop_requests or self.operator.draining or limit)
-        free = self.settings.max_concurrent - len(self.jobs) if taking else 0
+        free = self._free_slots() if taking else 0
         for backend in self.subscriptions.everything():
             backend.wake = self._wake  # set each pass: credential backends come and go
             backend.hold(self.operator.hold_for(backend))
@@ -187,6 +189,12 @@ class Supervisor:
                 return True
         self._sleep(self._pause_length())
         return True
+
+    def _free_slots(self) -> int:
+        """max_concurrent runs at once; as many more may be saving their results meanwhile."""
+        running = sum(not job.saving for job in self.jobs.values())
+        slots = self.settings.max_concurrent
+        return max(0, min(slots - running, 2 * slots - len(self.jobs)))
 
     def _pause_length(self) -> float:
         """Polling backends are asked every poll_interval; pushed ones wake the loop themselves,
@@ -419,6 +427,7 @@ class Supervisor:
             self.admission.release(ticket.grant)
             raise
         job = Job(backend, delivery, run, ticket.record, grant=ticket.grant)
+        run.on_free = functools.partial(self._slot_freed, job)
         job.thread = threading.Thread(
             target=self._work, args=(job,), name=f"exp-{request.key}", daemon=True
         )
@@ -455,9 +464,25 @@ class Supervisor:
         self.finished.put((job, outcome))
         self._wake()
 
+    def _slot_freed(self, job: Job) -> None:
+        """From the run's thread: its slot may take the next message (in the loop's thread)."""
+        self.freed.put(job)
+        self._wake()
+
     # -- settling ------------------------------------------------------------------------------
 
+    def _release_freed(self) -> None:
+        while True:
+            try:
+                job = self.freed.get_nowait()
+            except queue.Empty:
+                return
+            job.saving = True
+            self.admission.release(job.grant)  # idempotent: the settle below releases it too
+            self._next_status = 0.0
+
     def _settle_finished(self) -> None:
+        self._release_freed()
         while True:
             try:
                 job, outcome = self.finished.get_nowait()
@@ -468,7 +493,8 @@ class Supervisor:
             self._next_status = 0.0  # studio-agent status shows it at once, not within 2 s
             if job.thread is not None:
                 job.thread.join()
-            # After the worker thread, so after kill_tree: the cards are free of its processes.
+            # After the worker thread, so after kill_tree: the cards are free of its processes
+            # (already released where the run freed its slot before saving its results).
             self.admission.release(job.grant)
             try:
                 self._settle(job, outcome)

@@ -49,6 +49,40 @@ def test_runs_experiments_concurrently(
     assert lay.queue_files("local_test") == []
 
 
+BIG_MODEL = """
+import json, os, sys, time
+mapping = json.load(open(os.environ["STUDIOML_ARTIFACT_MAPPING"]))
+with open(os.path.join(mapping["modeldir"], "weights"), "wb") as out:
+    for _ in range(256):
+        out.write(os.urandom(2**20))  # not compressible: saving it takes a while
+open(sys.argv[1], "w").write(repr(time.time()))
+"""
+
+STAMP = """
+import sys, time
+open(sys.argv[1], "w").write(repr(time.time()))
+"""
+
+
+def test_the_next_experiment_starts_while_the_last_ones_results_are_saved(
+    layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
+) -> None:
+    lay = layout(max_concurrent=1)
+    first_end, second_start = tmp_path / "first-end", tmp_path / "second-start"
+    first = submit_script(lay, BIG_MODEL, str(first_end)).key
+    second = submit_script(lay, STAMP, str(second_start)).key
+    agent = start_agent(lay)
+    agent.wait_for_log(f"experiment {first} completed")
+    log = agent.log()
+    # One slot: the second ran after the first's process had ended ...
+    assert float(second_start.read_text()) > float(first_end.read_text())
+    # ... and was taken before the first's results were saved and its message settled.
+    assert log.index(f"experiment {second} from") < log.index(f"experiment {first} completed")
+    assert (lay.results(first) / "modeldir.tar").exists()
+    assert agent.stop() == 0
+    assert lay.queue_files("local_test") == []
+
+
 def test_sigterm_drain_returns_a_cut_off_message(
     layout: Callable[..., Layout], start_agent: Start, tmp_path: Path
 ) -> None:

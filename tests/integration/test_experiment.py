@@ -152,6 +152,22 @@ def test_checkpoint_uploads_while_running(layout: Callable[..., Layout]) -> None
     assert "phase two\n" in read_output(lay, request.key)
 
 
+def test_the_slot_is_freed_after_the_run_ends_and_before_its_results_are_saved(
+    layout: Callable[..., Layout],
+) -> None:
+    lay = layout()
+    request = submit_script(lay, "print('ran')\n")
+    settings = lay.settings()
+    experiment = ExperimentRun(request, settings, build_executor(settings))
+    output_tar = lay.results(request.key) / "output.tar"
+    seen: list[tuple[bool, bool]] = []
+    experiment.on_free = lambda: seen.append((experiment.confinement is None, output_tar.exists()))
+    outcome = experiment.run()
+    assert outcome.status == "completed"
+    assert seen == [(True, False)]  # once; confinement closed; the results not yet saved
+    assert "ran\n" in read_output(lay, request.key)
+
+
 def test_expired_request_is_not_run(layout: Callable[..., Layout]) -> None:
     lay = layout()
     request = submit_script(lay, "open('ran', 'w')\n", lifetime="1s")
