@@ -11,7 +11,8 @@ environment cache and the default ``poll_interval``:
   S3);
 - throughput: a batch of experiments enqueued at once and drained with 1 and then 2 workers;
 - on ``local`` only, the same batch drained by the studioml 0.0.49 ``studio-local-worker`` (the
-  baseline). rmq-s3 has none: the 0.0.49 python remote worker is broken (protocol spec J.10).
+  baseline); on ``rmq-s3``, by ``bench/reference_consumer.py``, a minimal pika + boto3 runner
+  (the 0.0.49 python remote worker is broken, protocol spec J.10).
 - on ``local`` only, the latency of encrypted, signed messages (the client's envelope, a 4096-bit
   key; an agent of its own with the keys in its certs dir) against the clear runs, and the
   in-process cost of opening one (``bench/encrypted.py``).
@@ -586,6 +587,7 @@ class Results:
     worker_wall: list[float] = field(default_factory=list)  # the same, launch to exit
     services: str = ""  # versions of the rmq-s3 broker and S3 server
     opening: list[tuple[str, str, list[float]]] = field(default_factory=list)  # bench/encrypted
+    reference: list[float] = field(default_factory=list)  # rmq-s3: bench/reference_consumer.py
 
 
 def measure_agent(
@@ -602,15 +604,21 @@ def measure_agent(
             print(f"  {transport.name}: studio-agent, {slots} worker(s): done", file=sys.stderr)
 
 
-def floor_round(layout: Layout, count: int) -> float:
-    """Seconds per run of the experiment's script, run back to back by a bare loop with the
-    interpreter of the environment the agent built for it: what no runner can go below."""
+def env_python(layout: Layout) -> str:
+    """The interpreter of the environment the agent built for the bench's experiment."""
     pythons = sorted((layout.root / "cache").glob("**/bin/python"))
     if not pythons:
         raise SystemExit(f"no environment under {layout.root / 'cache'} to take python from")
+    return str(pythons[0])
+
+
+def floor_round(layout: Layout, count: int) -> float:
+    """Seconds per run of the experiment's script, run back to back by a bare loop with the
+    interpreter of the environment the agent built for it: what no runner can go below."""
+    python = env_python(layout)
     started = time.perf_counter()
     for _ in range(count):
-        argv = [str(pythons[0]), "train.py"]
+        argv = [python, "train.py"]
         subprocess.run(argv, cwd=layout.workspace, stdout=subprocess.DEVNULL, check=True)
     return (time.perf_counter() - started) / count
 
@@ -659,6 +667,45 @@ def measure_rmq(layout: Layout, options: argparse.Namespace, results: Results) -
     with rmq_bench(layout) as rmq:
         results.services = rmq.versions
         measure_agent(layout, rmq_transport(rmq), options, results)
+        measure_reference(rmq, options, results)
+
+
+def acked_count(acks: Path) -> int:
+    return acks.read_bytes().count(b"\n") if acks.exists() else 0
+
+
+def reference_round(rmq: Rmq, proc: subprocess.Popen[bytes], acks: Path, count: int) -> float:
+    """Publish ``count`` experiments at once; seconds until the reference acked them all."""
+    tag = f"ref{next(rmq.serial)}"
+    keys = [f"{tag}-{index}" for index in range(count)]
+    bodies = [rmq_message(rmq, key) for key in keys]
+    target = acked_count(acks) + count
+    started = time.perf_counter()
+    for body in bodies:
+        publish(rmq, body)
+    wait_until(lambda: acked_count(acks) >= target, proc, 30 + 10 * count)
+    elapsed = time.perf_counter() - started
+    for key in keys:
+        read_stamps(output_tar(rmq, key), key)  # each one really ran
+    return elapsed
+
+
+def measure_reference(rmq: Rmq, options: argparse.Namespace, results: Results) -> None:
+    """bench/reference_consumer.py (pika + boto3, no safety) on the same broker and bucket."""
+    acks = rmq.layout.root / "reference-acks"
+    argv = [sys.executable, str(ROOT / "bench" / "reference_consumer.py"), rmq.broker.amqp_url]
+    argv += [RMQ_QUEUE, env_python(rmq.layout), str(acks)]
+    log = rmq.layout.root / "reference.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        reference_round(rmq, proc, acks, 1)  # warm-up: imports, connections, the first get
+        for _ in range(options.rounds):
+            seconds = reference_round(rmq, proc, acks, options.experiments)
+            results.reference.append(seconds / options.experiments)
+    finally:
+        stop(proc)
+    print("  rmq-s3: reference consumer (pika + boto3): done", file=sys.stderr)
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -696,7 +743,8 @@ NOTES = {
     "rmq-s3": (
         "rmq-s3: results safe = results uploaded to S3 and the custody-journal entry dropped;",
         "        the broker's ack comes earlier, once the message is journaled.",
-        "rmq-s3: no studioml baseline: the 0.0.49 python remote worker is broken (spec J.10).",
+        "rmq-s3: reference = bench/reference_consumer.py (pika + boto3: get, workspace, run,",
+        "        upload output.tar, ack); the 0.0.49 python remote worker is broken (spec J.10).",
     ),
 }
 
@@ -711,6 +759,18 @@ def transport_rows(results: Results, transport: str) -> list[str]:
         lines += throughput_rows(name, results.agent[transport, slots])
     if results.floor:
         lines += floor_rows(results, transport)
+    if transport == "rmq-s3" and results.reference:
+        lines += reference_rows(results)
+    return lines
+
+
+def reference_rows(results: Results) -> list[str]:
+    """The minimal pika + boto3 runner, and studio-agent's 1-worker throughput against it."""
+    lines = throughput_rows(
+        "rmq-s3  throughput, reference consumer (pika+boto3)", results.reference
+    )
+    ratio = statistics.median(results.reference) / statistics.median(results.agent["rmq-s3", 1])
+    lines.append(row("rmq-s3  ratio studio-agent 1 worker / reference", "x", [ratio], 2))
     return lines
 
 
