@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +37,11 @@ from agent.storage.base import StorageOptions
 log = logging.getLogger(__name__)
 
 MEMORY_EVERY = 10.0  # seconds between two looks at an experiment's memory
+# A save still going after this long frees the run's slot for the next message. Not at once:
+# a short save (a small output to local storage) overlapped with the next run's start slowed
+# both, the two threads taking turns at the GIL (bench/overhead.py: 713 against 766-804
+# trivial experiments a minute), while a long one (a model to S3) would idle a GPU for minutes.
+SAVE_ALONE = 0.1
 Status = Literal["completed", "failed", "timeout", "expired", "cancelled", "aborted", "error"]
 
 
@@ -94,8 +99,9 @@ class ExperimentRun:
         self.saver = Checkpointer(self.ctx, settings, self.storage)
         self._fetched: tuple[int, float] = (0, 0.0)  # bytes and seconds, for the runner log
         self.on_phase = on_phase
-        # Called once nothing of the run is left on its slot (processes, cgroup, identity, GPUs)
-        # and before its results are saved: the supervisor starts the next run meanwhile.
+        # Called, from a timer thread, once nothing of the run is left on its slot (processes,
+        # cgroup, identity, GPUs) and its results have been saving for SAVE_ALONE: the
+        # supervisor starts the next run meanwhile.
         self.on_free: Callable[[], None] = lambda: None
 
     @property
@@ -274,7 +280,21 @@ class ExperimentRun:
         # reads what no process of the run can still change), and the next run may start while
         # these results are saved. The message is acknowledged only after they are.
         self._release_confinement()
-        self.on_free()
+        with self._slot_freed_if_slow():
+            return self._save(outcome, upload)
+
+    @contextlib.contextmanager
+    def _slot_freed_if_slow(self) -> Iterator[None]:
+        timer = threading.Timer(SAVE_ALONE, self.on_free)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _save(self, outcome: Outcome, upload: bool) -> Outcome:
+        """The final checkpoint, the record, the run directory removed."""
         if self.recorder is not None:
             self.recorder.runner["outcome"] = outcome.status
             status = "completed" if outcome.status == "completed" else "failed"

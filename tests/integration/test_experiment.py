@@ -152,20 +152,33 @@ def test_checkpoint_uploads_while_running(layout: Callable[..., Layout]) -> None
     assert "phase two\n" in read_output(lay, request.key)
 
 
-def test_the_slot_is_freed_after_the_run_ends_and_before_its_results_are_saved(
+BIG_MODEL = """
+import json, os
+mapping = json.load(open(os.environ["STUDIOML_ARTIFACT_MAPPING"]))
+with open(os.path.join(mapping["modeldir"], "weights"), "wb") as out:
+    for _ in range(256):
+        out.write(os.urandom(2**20))  # not compressible: saving it takes a while
+"""
+
+
+def test_a_slow_save_frees_the_slot_after_the_run_ends_and_before_the_results_are_saved(
     layout: Callable[..., Layout],
 ) -> None:
     lay = layout()
-    request = submit_script(lay, "print('ran')\n")
+    quick, slow = submit_script(lay, "print('ran')\n"), submit_script(lay, BIG_MODEL)
     settings = lay.settings()
-    experiment = ExperimentRun(request, settings, build_executor(settings))
-    output_tar = lay.results(request.key) / "output.tar"
     seen: list[tuple[bool, bool]] = []
-    experiment.on_free = lambda: seen.append((experiment.confinement is None, output_tar.exists()))
-    outcome = experiment.run()
-    assert outcome.status == "completed"
-    assert seen == [(True, False)]  # once; confinement closed; the results not yet saved
-    assert "ran\n" in read_output(lay, request.key)
+    for request in (quick, slow):
+        experiment = ExperimentRun(request, settings, build_executor(settings))
+        model = lay.results(request.key) / "modeldir.tar"
+        experiment.on_free = lambda e=experiment, m=model: seen.append(  # type: ignore[misc]
+            (e.confinement is None, m.exists() and m.stat().st_size >= 256 * 2**20)
+        )
+        assert experiment.run().status == "completed"
+        if request is quick:
+            assert seen == []  # a save shorter than SAVE_ALONE keeps its slot to the end
+    assert seen == [(True, False)]  # once; confinement closed; the model not yet saved
+    assert (lay.results(slow.key) / "modeldir.tar").stat().st_size >= 256 * 2**20
 
 
 def test_expired_request_is_not_run(layout: Callable[..., Layout]) -> None:
