@@ -444,15 +444,22 @@ def wait_drained(rmq: Rmq, proc: subprocess.Popen[bytes], prefix: str, count: in
     raise TimeoutError(f"{prefix}*: not drained after {30 + 10 * count}s")
 
 
-def rmq_drain_round(rmq: Rmq, proc: subprocess.Popen[bytes], count: int) -> float:
-    """Publish ``count`` experiments at once; seconds until every result is safe in S3."""
+def rmq_drain_round(
+    rmq: Rmq,
+    proc: subprocess.Popen[bytes],
+    count: int,
+    drained: Callable[[], float] | None = None,
+) -> float:
+    """Publish ``count`` experiments at once; seconds until every result is safe in S3, or
+    until ``drained`` (which returns perf_counter() once the consumer is done) returns."""
     tag = f"rmq{next(rmq.serial)}"
     keys = [f"{tag}-{index}" for index in range(count)]
     bodies = [rmq_message(rmq, key) for key in keys]
     started = time.perf_counter()
     for body in bodies:
         publish(rmq, body)
-    elapsed = wait_drained(rmq, proc, f"experiments/{tag}-", count) - started
+    done = drained() if drained else wait_drained(rmq, proc, f"experiments/{tag}-", count)
+    elapsed = done - started
     for key in keys:
         read_stamps(output_tar(rmq, key), key)  # each one really ran
     return elapsed
@@ -676,18 +683,13 @@ def acked_count(acks: Path) -> int:
 
 def reference_round(rmq: Rmq, proc: subprocess.Popen[bytes], acks: Path, count: int) -> float:
     """Publish ``count`` experiments at once; seconds until the reference acked them all."""
-    tag = f"ref{next(rmq.serial)}"
-    keys = [f"{tag}-{index}" for index in range(count)]
-    bodies = [rmq_message(rmq, key) for key in keys]
     target = acked_count(acks) + count
-    started = time.perf_counter()
-    for body in bodies:
-        publish(rmq, body)
-    wait_until(lambda: acked_count(acks) >= target, proc, 30 + 10 * count)
-    elapsed = time.perf_counter() - started
-    for key in keys:
-        read_stamps(output_tar(rmq, key), key)  # each one really ran
-    return elapsed
+
+    def drained() -> float:
+        wait_until(lambda: acked_count(acks) >= target, proc, 30 + 10 * count)
+        return time.perf_counter()
+
+    return rmq_drain_round(rmq, proc, count, drained)
 
 
 def measure_reference(rmq: Rmq, options: argparse.Namespace, results: Results) -> None:
